@@ -1,0 +1,235 @@
+"""Two-stage multi-concept sampling (OMG), host-independent.
+
+A host runs its sampler twice with identical noise and routes every denoiser call through
+`session.denoise(model_fn, x, sigma, cond, n_cond=..., step=..., total_steps=...)`, where
+`model_fn(x, sigma, cond)` is its own inner model (k-diffusion wrapper or eps model) and
+the rows of `x` are [cond rows, uncond rows].
+
+- Stage 1 (`with session.stage1():`) is a plain run; each call's cond-half input, sigma and
+  output are recorded.
+- Stage 2 (`with session.stage2():`) returns the recorded output before the start step (no
+  UNet work) and from then on makes ONE batched call: layout rows (stage 1's input, cond only),
+  base rows and each concept's rows, then blends the predictions under the region weights.
+  Blending is linear, so it holds for x0 and eps outputs and commutes with the host's CFG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import EngineError
+from .hooks.attention import is_attention, make_attention_forward
+from .hooks.lora_rows import make_lora_forward
+from .hooks.state import CallState, RunState
+from .lora.bind import bind_loras
+from .patcher import PatchSet
+from .plan import Conditioning, Plan
+from .rows import RowGroup, RowPlan
+
+
+@dataclass
+class Recorded:
+    x_cond: torch.Tensor
+    sigma: torch.Tensor
+    out: torch.Tensor
+
+
+@dataclass
+class Stats:
+    unet_calls: int = 0
+    unet_rows: int = 0          # UNet sample-evaluations, one per batch row
+    replayed_calls: int = 0     # stage-2 calls answered from the stage-1 record
+
+    def reset(self):
+        self.unet_calls = self.unet_rows = self.replayed_calls = 0
+
+
+@dataclass
+class _Part:
+    group: RowGroup
+    x: torch.Tensor
+    sigma: torch.Tensor
+    conds: list[Conditioning]   # row blocks (cond, uncond); contexts may differ in length
+
+
+class MultiConceptSession:
+    def __init__(self, unet: nn.Module, plan: Plan, *, context_key: str = "c_crossattn", warn=print):
+        self.unet, self.plan, self.context_key = unet, plan, context_key
+        self.run = RunState()
+        self.patches = PatchSet()
+        self.records: list[Recorded] = []
+        self.stats = Stats()
+        self.phase: str | None = None
+        self._call_index = 0
+        self._prepare_patches(warn)   # raises LoraMismatchError before anything is touched
+
+    def _prepare_patches(self, warn) -> None:
+        ops: dict[nn.Module, dict[int, list]] = {}
+        for index, concept in enumerate(self.plan.concepts):
+            for module, module_ops in bind_loras(self.unet, concept.loras, warn).items():
+                ops.setdefault(module, {})[index] = module_ops
+        for module, by_concept in ops.items():
+            self.patches.add(module, "forward",
+                             lambda original, by_concept=by_concept: make_lora_forward(original, by_concept, self.run))
+        for module in self.unet.modules():
+            if is_attention(module):
+                self.patches.add(module, "forward",
+                                 lambda original, module=module: make_attention_forward(module, original, self.run))
+
+    # ---- stages -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def stage1(self):
+        self.records.clear()
+        self.phase = "record"
+        try:
+            yield self
+        finally:
+            self.phase = None
+
+    @contextlib.contextmanager
+    def stage2(self):
+        if not self.records:
+            raise EngineError("stage 2 needs a stage-1 run first")
+        self.phase, self._call_index = "blend", 0
+        self.patches.apply()
+        try:
+            yield self
+        finally:
+            self.run.call = None
+            self.patches.remove()
+            self.phase = None
+
+    # ---- the denoiser call --------------------------------------------------------------
+
+    def denoise(self, model_fn, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, *,
+                n_cond: int, step: int, total_steps: int) -> torch.Tensor:
+        if self.phase == "record":
+            out = self._model(model_fn, x, sigma, cond)
+            self.records.append(Recorded(x[:n_cond].clone(), sigma.clone(), out.clone()))
+            return out
+        if self.phase != "blend":
+            return model_fn(x, sigma, cond)
+        index, self._call_index = self._call_index, self._call_index + 1
+        if index >= len(self.records):
+            raise EngineError(f"stage 2 made more denoiser calls than stage 1 ({len(self.records)}): "
+                              "the two runs must use the same sampler and steps")
+        record = self.records[index]
+        if step < self.plan.start_step(total_steps):
+            if not (torch.equal(x[:n_cond], record.x_cond) and torch.equal(sigma, record.sigma)):
+                raise EngineError(f"stage 2 left stage 1's path at call {index} before blending started: "
+                                  "the initial or ancestral noise was not replayed")
+            self.stats.replayed_calls += 1
+            return record.out.clone()
+        return self._blend_call(model_fn, x, sigma, cond, n_cond, record, step, total_steps)
+
+    def _model(self, model_fn, x, sigma, cond, call: CallState | None = None) -> torch.Tensor:
+        self.stats.unet_calls += 1
+        self.stats.unet_rows += x.shape[0]
+        self.run.call = call
+        try:
+            return model_fn(x, sigma, cond)
+        finally:
+            self.run.call = None
+
+    def _blend_call(self, model_fn, x, sigma, cond, n_cond, record, step, total_steps) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.plan.regions.latent_hw:
+            raise EngineError(f"latent {tuple(x.shape[-2:])} does not match the plan's "
+                              f"{self.plan.regions.latent_hw} (image {self.plan.image_size})")
+        n_uncond = x.shape[0] - n_cond
+        parts = self._parts(x, sigma, cond, n_cond, n_uncond, record)
+        outputs: dict[tuple[str, int], torch.Tensor] = {}
+        replay_self = step < self.plan.self_replay_until_step(total_steps)
+        for chunk in self._chunks(parts):
+            rows = RowPlan()
+            for part in chunk:
+                rows.add(part.group.kind, part.group.n_cond, part.group.n_uncond, part.group.index)
+            conds, key_mask = self._cat_conds([block for p in chunk for block in p.conds])
+            call = CallState(rows, key_mask=key_mask, replay_cross=self.plan.options.layout_replay,
+                             replay_self_max_tokens=self._self_replay_tokens() if replay_self else 0)
+            out = self._model(model_fn, torch.cat([p.x for p in chunk]), torch.cat([p.sigma for p in chunk]),
+                              conds, call)
+            for group in rows.groups:
+                outputs[(group.kind, group.index)] = out[group.rows]
+        weights = self.plan.regions.latent_on(x)
+        blended = outputs[("base", -1)] * weights[0]
+        for index in range(len(self.plan.concepts)):
+            blended = blended + outputs[("concept", index)] * weights[index + 1]
+        return blended
+
+    def _self_replay_tokens(self) -> int:
+        """OMG replays self-attention in layers with <= (W/32)*(H/32) tokens: latent / 4."""
+        h, w = self.plan.regions.grids[2]
+        return h * w
+
+    # ---- batch assembly -----------------------------------------------------------------
+
+    def _parts(self, x, sigma, cond, n_cond, n_uncond, record) -> list[_Part]:
+        def rows(c: Conditioning, sl: slice) -> Conditioning:
+            return {k: v[sl] for k, v in c.items()}
+
+        cond_rows, uncond_rows = slice(0, n_cond), slice(n_cond, n_cond + n_uncond)
+        parts = []
+        if self.plan.options.layout_replay:
+            parts.append(_Part(RowGroup("layout", -1, 0, n_cond, 0), record.x_cond, sigma[cond_rows],
+                               [rows(cond, cond_rows)]))
+        parts.append(_Part(RowGroup("base", -1, 0, n_cond, n_uncond), x, sigma, [cond]))
+        for index, concept in enumerate(self.plan.concepts):
+            blocks = [_override(rows(cond, cond_rows), concept.cond, n_cond)]
+            if n_uncond:
+                blocks.append(_override(rows(cond, uncond_rows), concept.uncond, n_uncond))
+            parts.append(_Part(RowGroup("concept", index, 0, n_cond, n_uncond), x, sigma, blocks))
+        return parts
+
+    def _chunks(self, parts: list[_Part]) -> list[list[_Part]]:
+        """Layout and base rows share a call (replay reads across them); concepts fill up to the cap."""
+        limit = self.plan.options.max_rows_per_call
+        head = 2 if self.plan.options.layout_replay else 1
+        chunks = [parts[:head]]
+        for part in parts[head:]:
+            size = sum(p.group.size for p in chunks[-1])
+            if limit is not None and size + part.group.size > limit and size > 0:
+                chunks.append([])
+            chunks[-1].append(part)
+        return chunks
+
+    def _cat_conds(self, conds: list[Conditioning]) -> tuple[Conditioning, torch.Tensor | None]:
+        """Stack conditioning rows; pad contexts of different lengths and mask the padding."""
+        keys = conds[0].keys()
+        for c in conds[1:]:
+            if c.keys() != keys:
+                raise EngineError(f"conditioning keys differ between branches: {sorted(keys)} vs {sorted(c.keys())}")
+        stacked, key_mask = {}, None
+        for key in keys:
+            tensors = [c[key] for c in conds]
+            if key == self.context_key and len({t.shape[1] for t in tensors}) > 1:
+                length = max(t.shape[1] for t in tensors)
+                masks = []
+                for t in tensors:
+                    masks.append(torch.arange(length, device=t.device)[None].expand(t.shape[0], -1) < t.shape[1])
+                key_mask = torch.cat(masks)
+                tensors = [torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in tensors]
+            try:
+                stacked[key] = torch.cat(tensors)
+            except RuntimeError as exc:
+                raise EngineError(f"conditioning '{key}' has different shapes between branches: "
+                                  f"{[tuple(t.shape) for t in tensors]}") from exc
+        return stacked, key_mask
+
+
+def _override(rows: Conditioning, own: Conditioning | None, n: int) -> Conditioning:
+    """The host's rows with the concept's own prompt tensors in place (batch 1 broadcast to n)."""
+    if own is None or n == 0:
+        return rows
+    merged = dict(rows)
+    like = next(iter(rows.values()))
+    for key, tensor in own.items():
+        tensor = tensor.to(like.device, rows[key].dtype if key in rows else like.dtype)
+        merged[key] = tensor.expand(n, *tensor.shape[1:]) if tensor.shape[0] == 1 else tensor
+        if merged[key].shape[0] != n:
+            raise EngineError(f"concept conditioning '{key}' has {tensor.shape[0]} rows for a batch of {n}")
+    return merged

@@ -1,0 +1,1 @@
+"""Forward replacements installed on UNet module instances during stage 2."""

@@ -1,0 +1,32 @@
+"""What the hooks need to know about the UNet call in flight. None between calls: hooks pass through."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..rows import RowPlan
+
+
+@dataclass
+class CallState:
+    rows: RowPlan
+    key_mask: torch.Tensor | None = None     # (rows, tokens) bool, True = real token
+    replay_cross: bool = False               # base cond rows take the layout row's cross-attention
+    replay_self_max_tokens: int = 0          # ... and self-attention in layers up to this size
+    concept_rows: dict[int, slice] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.concept_rows = {g.index: g.rows for g in self.rows.concepts()}
+        layout, base = self.rows.find("layout"), self.rows.find("base")
+        self.replay_pair = None if layout is None or base is None else (layout.cond_rows, base.cond_rows)
+        if self.replay_pair is None:
+            self.replay_cross, self.replay_self_max_tokens = False, 0
+
+
+class RunState:
+    """Shared by every hook of one session; the engine sets `call` around each UNet call."""
+
+    def __init__(self):
+        self.call: CallState | None = None

@@ -1,0 +1,151 @@
+"""A validated description of one multi-concept job.
+
+Hosts build a Plan from their own inputs; everything wrong with those inputs surfaces here as a
+PlanError naming the field, before any model is touched. The base prompt's conditioning is not
+stored: it arrives with every denoiser call (hosts may schedule prompts per step).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .errors import PlanError
+from .lora.bind import LoraUse
+from .lora.network import Network
+from .masks import RegionWeights, check_mask
+
+Conditioning = dict[str, torch.Tensor]
+
+
+@dataclass
+class Concept:
+    name: str
+    cond: Conditioning                 # its prompt; keys override the host's conditioning rows
+    uncond: Conditioning | None        # its negative prompt; None = the host's negative
+    loras: list[LoraUse]
+    mask: torch.Tensor                 # (H, W) float in [0, 1], validated
+    z: float | None = None             # higher sits in front; default: later concepts in front
+
+
+@dataclass
+class Options:
+    start_at: float = 0.3              # fraction of steps after which blending starts
+    layout_replay: bool = True         # base rows take the layout row's cross-attention
+    self_attn_replay_until: float = 0.4  # ... and low-res self-attention until this fraction
+    feather: float = 0.0               # mask feather, image pixels
+    max_rows_per_call: int | None = None  # split concept rows into further UNet calls above this
+
+
+@dataclass
+class Plan:
+    concepts: list[Concept]
+    image_size: tuple[int, int]
+    options: Options
+    regions: RegionWeights = field(repr=False)
+
+    def start_step(self, total_steps: int) -> int:
+        return _fraction_to_step(self.options.start_at, total_steps)
+
+    def self_replay_until_step(self, total_steps: int) -> int:
+        if not self.options.layout_replay:
+            return 0
+        return _fraction_to_step(self.options.self_attn_replay_until, total_steps)
+
+
+def _fraction_to_step(fraction: float, total_steps: int) -> int:
+    return min(total_steps, max(0, int(round(fraction * total_steps))))
+
+
+def _number(value: Any, name: str, low: float | None = None, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise PlanError(name, f"must be a number, got {value!r}")
+    value = float(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+        raise PlanError(name, f"must be in {bounds}, got {value:g}")
+    return value
+
+
+def _conditioning(value: Any, name: str, optional: bool = False) -> Conditioning | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = {"c_crossattn": value}
+    if not isinstance(value, Mapping) or not value:
+        raise PlanError(name, "must be a non-empty mapping of conditioning tensors")
+    for key, tensor in value.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+            raise PlanError(f"{name}.{key}", "must be a batched tensor")
+    return dict(value)
+
+
+def _loras(value: Any, name: str) -> list[LoraUse]:
+    if value is None:
+        return []
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise PlanError(name, "must be a list")
+    uses = []
+    for i, item in enumerate(value):
+        if isinstance(item, LoraUse):
+            network, weight = item.network, item.weight
+        elif isinstance(item, Sequence) and len(item) == 2:
+            network, weight = item
+        else:
+            raise PlanError(f"{name}[{i}]", "must be a LoraUse or a (network, weight) pair")
+        if not isinstance(network, Network):
+            raise PlanError(f"{name}[{i}]", f"is not a loaded LoRA ({type(network).__name__})")
+        uses.append(LoraUse(network, _number(weight, f"{name}[{i}].weight")))
+    return uses
+
+
+def _concept(item: Any, i: int) -> Concept:
+    name = f"concepts[{i}]"
+    if isinstance(item, Concept):
+        item = vars(item)
+    if not isinstance(item, Mapping):
+        raise PlanError(name, "must be a Concept or a mapping")
+    if "mask" not in item or item["mask"] is None:
+        raise PlanError(f"{name}.mask", "is missing")
+    z = item.get("z")
+    return Concept(
+        name=str(item.get("name") or f"concept {i + 1}"),
+        cond=_conditioning(item.get("cond"), f"{name}.cond"),
+        uncond=_conditioning(item.get("uncond"), f"{name}.uncond", optional=True),
+        loras=_loras(item.get("loras"), f"{name}.loras"),
+        mask=check_mask(item["mask"], f"{name}.mask"),
+        z=None if z is None else _number(z, f"{name}.z"),
+    )
+
+
+def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: Any) -> Plan:
+    """Validate everything for one job. Raises PlanError naming the field."""
+    if not isinstance(image_size, Sequence) or len(image_size) != 2 or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in image_size):
+        raise PlanError("image_size", f"must be (height, width) in positive pixels, got {image_size!r}")
+    unknown = set(options) - set(Options.__dataclass_fields__)
+    if unknown:
+        raise PlanError(sorted(unknown)[0], "is not an engine option")
+    opts = Options(**options)
+    opts.start_at = _number(opts.start_at, "start_at", 0.0, 1.0)
+    opts.self_attn_replay_until = _number(opts.self_attn_replay_until, "self_attn_replay_until", 0.0, 1.0)
+    opts.feather = _number(opts.feather, "feather", 0.0)
+    if not isinstance(opts.layout_replay, bool):
+        raise PlanError("layout_replay", f"must be true or false, got {opts.layout_replay!r}")
+    if opts.max_rows_per_call is not None and (
+            not isinstance(opts.max_rows_per_call, int) or opts.max_rows_per_call < 1):
+        raise PlanError("max_rows_per_call", f"must be a positive integer, got {opts.max_rows_per_call!r}")
+    if isinstance(concepts, (str, bytes, Mapping)) or not isinstance(concepts, Sequence):
+        raise PlanError("concepts", "must be a list")
+    if not concepts:
+        raise PlanError("concepts", "is empty: add at least one concept or disable Multi-Concept")
+    parsed = [_concept(item, i) for i, item in enumerate(concepts)]
+    # back to front: by z when given, else list order (later in front); stable for ties
+    order = sorted(range(len(parsed)), key=lambda i: (parsed[i].z if parsed[i].z is not None else i, i))
+    regions = RegionWeights([c.mask for c in parsed], tuple(int(v) for v in image_size),
+                            back_to_front=order, feather_px=opts.feather)
+    return Plan(parsed, (int(image_size[0]), int(image_size[1])), opts, regions)

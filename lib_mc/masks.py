@@ -104,7 +104,8 @@ class RegionWeights:
         order = list(range(len(masks))) if back_to_front is None else list(back_to_front)
         if sorted(order) != list(range(len(masks))):
             raise PlanError("order", f"{order} is not a permutation of the {len(masks)} concepts")
-        coverages = [self._coverage(m, feather_px) for m in masks]
+        coverages = [self._coverage(check_mask(m, f"concepts[{i}].mask"), feather_px)
+                     for i, m in enumerate(masks)]
         stacked = torch.stack(coverages) if coverages else torch.zeros((0,) + self.latent_hw)
         self.latent = composite(stacked, order)
         self._by_grid: dict[tuple[int, int], torch.Tensor] = {self.latent_hw: self.latent}
@@ -114,7 +115,9 @@ class RegionWeights:
         """Fraction of each latent cell that the mask covers, at image scale first."""
         h, w = self.image_hw
         if tuple(mask.shape) != (h, w):
-            mask = F.interpolate(mask[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            # shrink by area, grow by nearest pixel: edges stay where the user drew them
+            shrink = mask.shape[0] >= h and mask.shape[1] >= w
+            mask = F.interpolate(mask[None, None], size=(h, w), mode="area" if shrink else "nearest-exact")[0, 0]
         if feather_px > 0:
             mask = _gaussian_blur(mask, feather_px)
         return F.adaptive_avg_pool2d(mask[None, None], self.latent_hw)[0, 0].clamp(0, 1)

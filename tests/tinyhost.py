@@ -16,11 +16,11 @@ from torch import nn
 CONTEXT_DIM = 32
 
 
-def make_unet(seed: int = 0, attention_resolutions=(1, 2, 4)) -> UNetModel:
+def make_unet(seed: int = 0, attention_resolutions=(1, 2, 4), num_res_blocks: int = 1) -> UNetModel:
     """SD1.5's layout (4 levels, attention at the top 3, 1x1 conv proj_in) at 1/10 the width."""
     torch.manual_seed(seed)
     unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=32,
-                     attention_resolutions=list(attention_resolutions), num_res_blocks=1,
+                     attention_resolutions=list(attention_resolutions), num_res_blocks=num_res_blocks,
                      channel_mult=(1, 2, 2, 2), num_heads=2, use_spatial_transformer=True,
                      transformer_depth=1, context_dim=CONTEXT_DIM, use_checkpoint=False, legacy=False)
     # ldm zero-initialises output projections; refill them or prompts and LoRAs change nothing

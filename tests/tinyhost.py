@@ -88,9 +88,9 @@ def sample(host: CFGHost, sampler: str = "euler", steps: int = 6, batch: int = 1
         return sampling.sample_euler_ancestral(host, x, sigmas, disable=True, noise_sampler=noise)
 
 
-def random_context(seed: int, tokens: int = 8) -> torch.Tensor:
+def random_context(seed: int, tokens: int = 8, dim: int = CONTEXT_DIM) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn((1, tokens, CONTEXT_DIM), generator=gen)
+    return torch.randn((1, tokens, dim), generator=gen)
 
 
 # ---- LoRA files ---------------------------------------------------------------------------

@@ -41,7 +41,12 @@ def two_concepts(world, **options):
     ], IMAGE, **options)
 
 
-def one_call(world, session, batch=2, seed=5, drift=0.0):
+def eps_model(denoiser):
+    """An eps-predicting inner model, as A1111's DDIM/PLMS/UniPC timestep wrapper is."""
+    return lambda x, sigma, cond: denoiser.get_eps(x, denoiser.sigma_to_t(sigma), cond=cond)
+
+
+def one_call(world, session, batch=2, seed=5, drift=0.0, output="x0"):
     """One denoiser call shaped like A1111's: [cond rows, uncond rows], stage 1 then stage 2.
     `drift` moves stage 2's latent away from stage 1's, as blending does after the start step."""
     gen = torch.Generator().manual_seed(seed)
@@ -49,7 +54,8 @@ def one_call(world, session, batch=2, seed=5, drift=0.0):
     x_in, sigma_in = torch.cat([x, x]), torch.full((2 * batch,), 3.0)
     x_stage2 = x_in + drift * torch.randn(x_in.shape, generator=gen)
     cond_in = {"c_crossattn": torch.cat([world["cond"].expand(batch, -1, -1), world["uncond"].expand(batch, -1, -1)])}
-    model_fn = CFGHost(world["ldm"], world["cond"], world["uncond"]).model_fn
+    host = CFGHost(world["ldm"], world["cond"], world["uncond"])
+    model_fn = host.model_fn if output == "x0" else eps_model(host.inner)
     with session.stage1():
         session.denoise(model_fn, x_in, sigma_in, cond_in, n_cond=batch, step=0, total_steps=1)
     with session.stage2():
@@ -57,9 +63,11 @@ def one_call(world, session, batch=2, seed=5, drift=0.0):
     return x_stage2, sigma_in, cond_in, out
 
 
-def predict(unet, x_in, sigma_in, cond, uncond, batch):
+def predict(unet, x_in, sigma_in, cond, uncond, batch, output="x0"):
     """A plain run of a (possibly LoRA-merged) UNet, cond and uncond rows each with their own prompt."""
     denoiser = CompVisDenoiser(TinyLDM(unet))
+    if output == "eps":
+        denoiser = eps_model(denoiser)
     with torch.no_grad():
         c = denoiser(x_in[:batch], sigma_in[:batch], cond={"c_crossattn": cond.expand(batch, -1, -1)})
         u = denoiser(x_in[batch:], sigma_in[batch:], cond={"c_crossattn": uncond.expand(batch, -1, -1)})
@@ -104,14 +112,15 @@ def test_stage2_before_start_runs_no_unet_and_after_runs_one_call_per_step(world
     assert not torch.allclose(first, second)
 
 
-def test_blend_takes_each_concepts_prediction_inside_its_mask_and_base_outside(world):
+@pytest.mark.parametrize("output", ["x0", "eps"])
+def test_blend_takes_each_concepts_prediction_inside_its_mask_and_base_outside(world, output):
     session = MultiConceptSession(world["unet"], two_concepts(world, start_at=0.0, layout_replay=False))
-    x_in, sigma_in, cond_in, out = one_call(world, session)
+    x_in, sigma_in, cond_in, out = one_call(world, session, output=output)
     alice = predict(merged_copy(world["unet"], [(world["alice_parts"], 0.8)]), x_in, sigma_in,
-                    world["alice_cond"], world["uncond"], 2)
+                    world["alice_cond"], world["uncond"], 2, output)
     bob = predict(merged_copy(world["unet"], [(world["bob_parts"], 1.0)]), x_in, sigma_in,
-                  world["bob_cond"], world["uncond"], 2)
-    base = predict(world["unet"], x_in, sigma_in, world["cond"], world["uncond"], 2)
+                  world["bob_cond"], world["uncond"], 2, output)
+    base = predict(world["unet"], x_in, sigma_in, world["cond"], world["uncond"], 2, output)
     weights = session.plan.regions.latent
     inside_alice, inside_bob, outside = weights[1] == 1, weights[2] == 1, weights[0] == 1
     assert inside_alice.sum() == 16 * 6 and inside_bob.sum() == 8 * 6 and outside.sum() == 256 - 96 - 48
@@ -119,7 +128,7 @@ def test_blend_takes_each_concepts_prediction_inside_its_mask_and_base_outside(w
         torch.testing.assert_close(out[..., region], reference[..., region], atol=2e-5, rtol=1e-4)
     # the other concept's LoRA does not reach alice's rows
     both = predict(merged_copy(world["unet"], [(world["alice_parts"], 0.8), (world["bob_parts"], 1.0)]),
-                   x_in, sigma_in, world["alice_cond"], world["uncond"], 2)
+                   x_in, sigma_in, world["alice_cond"], world["uncond"], 2, output)
     assert (out[..., inside_alice] - both[..., inside_alice]).abs().max() > 1e-2
     assert (alice - base).abs().max() > 1e-2   # the LoRA and prompt matter at all
 

@@ -1,0 +1,216 @@
+"""The job schema (version 1): what the panel writes and the API takes, parsed and validated.
+
+The one script argument is this JSON (a dict or its string). Unknown keys are ignored; every
+known field is checked and a bad one raises JobError naming it (`concepts[1].region.w: ...`).
+Nothing here touches a model or a file path: masks arrive as base64 PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import PlanError
+
+SCHEMA_VERSION = 1
+MODES = ("blend",)
+MAX_CONCEPTS = 8
+MAX_MASK_PNG_BYTES = 16 * 2 ** 20
+
+
+class JobError(PlanError):
+    """A malformed job (API payload, pasted infotext or panel state)."""
+
+
+@dataclass
+class LoraRef:
+    name: str
+    weight: float = 1.0
+
+
+@dataclass
+class Region:
+    type: str                       # "rect" | "mask" | "auto"
+    x: float = 0.0                  # rect: fractions of the image
+    y: float = 0.0
+    w: float = 1.0
+    h: float = 1.0
+    png: str = ""                   # mask: base64 PNG, white = inside
+
+
+@dataclass
+class ConceptSpec:
+    name: str
+    loras: list[LoraRef] = field(default_factory=list)
+    prompt: str = ""                # "" = the base prompt
+    negative_prompt: str = ""       # "" = the base negative prompt
+    class_word: str = ""
+    region: Region = field(default_factory=lambda: Region("rect"))
+    z: float | None = None
+
+
+@dataclass
+class Job:
+    enabled: bool = False
+    mode: str = "blend"
+    start_at: float = 0.3
+    layout_replay: bool = True
+    self_attn_replay_until: float = 0.4
+    feather: float = 0.0
+    save_layout: bool = False
+    concepts: list[ConceptSpec] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "version": SCHEMA_VERSION, "enabled": self.enabled, "mode": self.mode,
+            "start_at": self.start_at, "layout_replay": self.layout_replay,
+            "self_attn_replay_until": self.self_attn_replay_until, "feather": self.feather,
+            "save_layout": self.save_layout,
+            "concepts": [_concept_dict(c) for c in self.concepts],
+        }
+
+
+def _concept_dict(c: ConceptSpec) -> dict:
+    region = {"type": c.region.type}
+    if c.region.type == "rect":
+        region.update(x=c.region.x, y=c.region.y, w=c.region.w, h=c.region.h)
+    elif c.region.type == "mask":
+        region["png"] = c.region.png
+    out = {"name": c.name, "loras": [{"name": l.name, "weight": l.weight} for l in c.loras],
+           "prompt": c.prompt, "negative_prompt": c.negative_prompt, "class_word": c.class_word,
+           "region": region}
+    if c.z is not None:
+        out["z"] = c.z
+    return out
+
+
+# ---- field checks ---------------------------------------------------------------------------
+
+def _bool(data: Mapping, key: str, default: bool, path: str) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise JobError(path + key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _num(data: Mapping, key: str, default, path: str, low=None, high=None, low_open=False):
+    value = data.get(key, default)
+    if value is None and default is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise JobError(path + key, f"must be a number, got {value!r}")
+    value = float(value)
+    if low is not None and (value < low or (low_open and value == low)):
+        raise JobError(path + key, f"must be {'>' if low_open else '>='} {low:g}, got {value:g}")
+    if high is not None and value > high:
+        raise JobError(path + key, f"must be <= {high:g}, got {value:g}")
+    return value
+
+
+def _str(data: Mapping, key: str, default: str, path: str) -> str:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise JobError(path + key, f"must be text, got {type(value).__name__}")
+    return value
+
+
+def _region(data: Any, path: str) -> Region:
+    if data is None:
+        return Region("rect")
+    if not isinstance(data, Mapping):
+        raise JobError(path.rstrip("."), "must be an object with a 'type'")
+    kind = data.get("type")
+    if kind == "rect":
+        region = Region("rect", *(_num(data, k, d, path, 0.0, 1.0) for k, d in
+                                  (("x", 0.0), ("y", 0.0), ("w", 1.0), ("h", 1.0))))
+        if region.w == 0 or region.h == 0:
+            raise JobError(path + ("w" if region.w == 0 else "h"), "must be > 0: the region is empty")
+        if region.x + region.w > 1.0001 or region.y + region.h > 1.0001:
+            raise JobError(path.rstrip("."), "reaches outside the image (x + w and y + h must be <= 1)")
+        return region
+    if kind == "mask":
+        png = data.get("png")
+        if not isinstance(png, str) or not png.strip():
+            raise JobError(path + "png", "must be a base64 PNG (white = inside)")
+        if len(png) > MAX_MASK_PNG_BYTES * 4 // 3 + 64:
+            raise JobError(path + "png", f"is larger than {MAX_MASK_PNG_BYTES // 2 ** 20} MB")
+        return Region("mask", png=png)
+    if kind == "auto":
+        return Region("auto")
+    raise JobError(path + "type", f"must be 'rect', 'mask' or 'auto', got {kind!r}")
+
+
+def _loras(data: Any, path: str) -> list[LoraRef]:
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise JobError(path.rstrip("."), "must be a list of {name, weight}")
+    refs = []
+    for i, item in enumerate(data):
+        where = f"{path[:-1]}[{i}]."
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, Mapping):
+            raise JobError(where.rstrip("."), "must be {name, weight}")
+        name = _str(item, "name", "", where).strip()
+        if not name:
+            raise JobError(where + "name", "is missing")
+        refs.append(LoraRef(name, _num(item, "weight", 1.0, where)))
+    return refs
+
+
+def _concept(data: Any, i: int) -> ConceptSpec:
+    path = f"concepts[{i}]."
+    if not isinstance(data, Mapping):
+        raise JobError(path.rstrip("."), "must be an object")
+    return ConceptSpec(
+        name=_str(data, "name", "", path).strip() or f"concept {i + 1}",
+        loras=_loras(data.get("loras"), path + "loras."),
+        prompt=_str(data, "prompt", "", path),
+        negative_prompt=_str(data, "negative_prompt", "", path),
+        class_word=_str(data, "class_word", "", path).strip(),
+        region=_region(data.get("region"), path + "region."),
+        z=_num(data, "z", None, path),
+    )
+
+
+def parse_job(raw: Any) -> Job:
+    """A Job from the script argument: dict, JSON text, or empty (= disabled)."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return Job()
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise JobError("multi-concept", f"argument is not valid JSON: {exc}") from exc
+    if not isinstance(raw, Mapping):
+        raise JobError("multi-concept", f"argument must be a JSON object, got {type(raw).__name__}")
+    version = raw.get("version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise JobError("version", f"this extension reads schema version {SCHEMA_VERSION}, got {version!r}")
+    mode = raw.get("mode", "blend")
+    if mode not in MODES:
+        raise JobError("mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
+    concepts = raw.get("concepts", [])
+    if not isinstance(concepts, list):
+        raise JobError("concepts", "must be a list")
+    if len(concepts) > MAX_CONCEPTS:
+        raise JobError("concepts", f"at most {MAX_CONCEPTS} concepts, got {len(concepts)}")
+    job = Job(
+        enabled=_bool(raw, "enabled", True, ""),
+        mode=mode,
+        start_at=_num(raw, "start_at", 0.3, "", 0.0, 1.0),
+        layout_replay=_bool(raw, "layout_replay", True, ""),
+        self_attn_replay_until=_num(raw, "self_attn_replay_until", 0.4, "", 0.0, 1.0),
+        feather=_num(raw, "feather", 0.0, "", 0.0, 256.0),
+        save_layout=_bool(raw, "save_layout", False, ""),
+        concepts=[_concept(c, i) for i, c in enumerate(concepts)],
+    )
+    if job.enabled and not job.concepts:
+        raise JobError("concepts", "is empty: add at least one concept or disable Multi-Concept")
+    return job

@@ -1,0 +1,41 @@
+"""The job in an image's generation parameters (`Multi-Concept: {...}`) and back.
+
+The value is the job schema itself, minus defaults, with masks shrunk to a small thresholded
+PNG (and a hash of the original), so PNG Info -> Send to txt2img restores the panel.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .job import Job, parse_job
+from .regions import compact_mask
+
+KEY = "Multi-Concept"
+_DEFAULTS = Job()
+
+
+def job_to_infotext(job: Job) -> str:
+    data = job.to_dict()
+    for key in ("mode", "start_at", "layout_replay", "self_attn_replay_until", "feather", "save_layout"):
+        if data[key] == getattr(_DEFAULTS, key):
+            del data[key]
+    del data["enabled"]   # present in the infotext = it was on
+    for i, concept in enumerate(data["concepts"]):
+        for key in ("prompt", "negative_prompt", "class_word"):
+            if not concept[key]:
+                del concept[key]
+        if not concept["loras"]:
+            del concept["loras"]
+        region = concept["region"]
+        if region["type"] == "rect":
+            for key in ("x", "y", "w", "h"):
+                region[key] = round(region[key], 4)
+        elif region["type"] == "mask":
+            region["png"], region["sha"] = compact_mask(region["png"], f"concepts[{i}].region.png")
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def infotext_to_job(value: str) -> Job:
+    """Parse a pasted infotext value; raises JobError when it is not a Multi-Concept job."""
+    return parse_job(value)

@@ -1,0 +1,26 @@
+import json
+
+import torch
+
+from lib_mc.infotext import infotext_to_job, job_to_infotext
+from lib_mc.job import parse_job
+from lib_mc.regions import encode_png, region_mask
+
+
+def test_infotext_is_compact_and_pastes_back_to_the_same_job():
+    mask = torch.zeros(512, 512)
+    mask[:, 300:] = 1
+    job = parse_job({"start_at": 0.45, "concepts": [
+        {"name": "alice", "loras": [{"name": "alice_v1", "weight": 0.8}], "prompt": "photo of alice, a woman",
+         "class_word": "woman", "region": {"type": "rect", "x": 0, "y": 0, "w": 0.5, "h": 1}},
+        {"name": "bob", "loras": [{"name": "bob_v1", "weight": 0.7}], "region": {"type": "mask", "png": encode_png(mask)}},
+    ]})
+    text = job_to_infotext(job)
+    assert len(text) < 800 and "layout_replay" not in text and '"start_at":0.45' in text
+    back = infotext_to_job(text)
+    assert back.enabled and back.start_at == 0.45
+    assert back.concepts[0] == job.concepts[0]
+    assert back.concepts[1].loras == job.concepts[1].loras
+    restored = region_mask(back.concepts[1].region, (512, 512), "m")
+    assert restored.shape == (128, 128) and restored[:, 80:].min() == 1 and restored[:, :70].max() == 0
+    assert len(json.loads(text)["concepts"][1]["region"]["sha"]) == 12

@@ -1,0 +1,120 @@
+"""Job (what the user asked) + host services -> engine Plan (what the engine runs).
+
+Host-independent: a host adapter supplies `HostServices` (its LoRA list, its text encoder,
+its extra-network tag parser) and gets back a validated Plan, or a JobError naming the
+problem, before anything in the model is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from .errors import LoraMismatchError, PlanError
+from .job import Job, JobError
+from .lora.bind import LoraUse
+from .lora.network import Network, load_network
+from .plan import Conditioning, Plan, build_plan
+from .regions import region_mask
+
+_TAG = re.compile(r"<(\w+):([^>]+)>")   # A1111's extra-network syntax: <lora:name:te[:unet]>
+
+
+def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """`photo of <lora:alice:0.8> alice` -> ("photo of  alice", [("alice", 0.8)])."""
+    found: list[tuple[str, float]] = []
+
+    def take(match: re.Match) -> str:
+        kind, args = match.group(1), match.group(2).split(":")
+        if kind not in ("lora", "lyco"):
+            return match.group(0)
+        try:
+            weight = float(args[1]) if len(args) > 1 and args[1] else 1.0
+        except ValueError as exc:
+            raise JobError("prompt", f"<{kind}:{match.group(2)}> has a weight that is not a number") from exc
+        found.append((args[0], weight))
+        return ""
+    return _TAG.sub(take, prompt), found
+
+
+@dataclass
+class LoraFile:
+    name: str                 # as the host's LoRA list shows it
+    path: str
+    arch: str | None = None   # "sd1", "sdxl", ... when the host knows it
+
+
+class HostServices(Protocol):
+    model_arch: str           # "sd1" | "sd2" | "sdxl"
+
+    def find_lora(self, name: str) -> LoraFile | None: ...
+    def lora_names(self) -> list[str]: ...
+    def encode(self, prompt: str, loras: list[tuple[LoraFile, float]]) -> Conditioning: ...
+    def parse_tags(self, prompt: str) -> tuple[str, list[tuple[str, float]]]: ...
+
+
+@dataclass
+class Prepared:
+    plan: Plan
+    warnings: list[str] = field(default_factory=list)
+    skipped_loras: list[str] = field(default_factory=list)
+
+
+def _unknown_lora(name: str, where: str, services: HostServices) -> JobError:
+    close = difflib.get_close_matches(name, services.lora_names(), n=3)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
+        "; check the name in the Lora tab (file name or alias), or refresh the list"
+    return JobError(where, f"unknown LoRA {name!r}{hint}")
+
+
+def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[int, int], unet,
+            services: HostServices, networks_cache: dict[str, Network] | None = None,
+            warn: Callable[[str], None] = print) -> Prepared:
+    """Resolve LoRAs, encode concept prompts, build masks and the Plan. Raises JobError/PlanError."""
+    from .lora.bind import bind_loras
+    prepared_concepts, warnings, skipped = [], [], []
+    cache = networks_cache if networks_cache is not None else {}
+    for i, spec in enumerate(job.concepts):
+        where = f"concepts[{i}]"
+        prompt, tagged = services.parse_tags(spec.prompt or base_prompt)
+        negative = spec.negative_prompt or base_negative
+        requested = [(ref.name, ref.weight, f"{where}.loras[{j}]") for j, ref in enumerate(spec.loras)]
+        requested += [(name, weight, f"{where}.prompt <lora:{name}>") for name, weight in tagged]
+        uses, te_loras = [], []
+        for name, weight, field_name in requested:
+            lora = services.find_lora(name)
+            if lora is None:
+                raise _unknown_lora(name, field_name, services)
+            if lora.arch and lora.arch != services.model_arch:
+                message = (f"LoRA {lora.name!r} ({where}) is for {lora.arch.upper()} but the model is "
+                           f"{services.model_arch.upper()}: skipped")
+                warnings.append(message)
+                skipped.append(lora.name)
+                continue
+            if lora.path not in cache:
+                cache[lora.path] = load_network(lora.path, lora.name)
+            use = LoraUse(cache[lora.path], weight)
+            try:   # shapes are checked here, so a misfit is skipped by name, not half-applied
+                bind_loras(unet, [use], warn=lambda m: None)
+            except LoraMismatchError as exc:
+                warnings.append(f"{exc} ({where}): skipped")
+                skipped.append(lora.name)
+                continue
+            uses.append(use)
+            te_loras.append((lora, weight))
+        cond = services.encode(prompt, te_loras)
+        uncond = services.encode(negative, te_loras) if spec.negative_prompt else None
+        mask = region_mask(spec.region, image_hw, f"{where}.region")
+        prepared_concepts.append(dict(name=spec.name, cond=cond, uncond=uncond, loras=uses, mask=mask, z=spec.z))
+    for message in warnings:
+        warn(f"[Multi-Concept] {message}")
+    try:
+        plan = build_plan(prepared_concepts, image_hw, start_at=job.start_at, layout_replay=job.layout_replay,
+                          self_attn_replay_until=job.self_attn_replay_until, feather=job.feather)
+    except PlanError as exc:
+        if isinstance(exc, JobError):
+            raise
+        raise JobError(exc.field, exc.problem) from exc
+    return Prepared(plan, warnings, skipped)

@@ -1,0 +1,23 @@
+"""The few gradio 3.x / 4.x differences the panel meets, in one place."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+GRADIO_MAJOR = int(gr.__version__.split(".")[0])
+
+
+def js_kwargs(code: str) -> dict:
+    """Client-side JS for an event: `_js=` in gradio 3, `js=` in gradio 4."""
+    return {"_js": code} if GRADIO_MAJOR < 4 else {"js": code}
+
+
+def mask_upload(label: str, **kwargs):
+    """An image upload that hands Python a PIL image."""
+    if GRADIO_MAJOR < 4:
+        return gr.Image(label=label, source="upload", type="pil", **kwargs)
+    return gr.Image(label=label, sources=["upload"], type="pil", **kwargs)
+
+
+def update(**kwargs):
+    return gr.update(**kwargs)

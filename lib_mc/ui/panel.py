@@ -53,7 +53,7 @@ def _concept_row(i: int, defaults: list, lora_choices: list[str]):
     return group, [name, loras, prompt, negative, class_word, region, x, y, w, h, mask], pick
 
 
-def build_panel(lora_names: Callable[[], list[str]]) -> Panel:
+def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callable[[], list[str]] | None = None) -> Panel:
     defaults = default_values()
     top = dict(zip(("enabled", "mode", "start_at", "layout_replay", "self_attn_replay_until", "feather",
                     "save_layout", "count"), defaults[:8]))
@@ -99,7 +99,7 @@ def build_panel(lora_names: Callable[[], list[str]]) -> Panel:
 
     controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, count]
     controls += [c for row in rows for c in row]
-    _wire(controls, job, paste_box, count, groups, rows, picks, refresh, lora_names)
+    _wire(controls, job, paste_box, count, groups, rows, picks, refresh, refresh_lora_names or lora_names)
     return Panel(job, paste_box, controls)
 
 

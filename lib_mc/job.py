@@ -135,7 +135,10 @@ def _region(data: Any, path: str) -> Region:
         return region
     if kind == "mask":
         png = data.get("png")
-        if not isinstance(png, str) or not png.strip():
+        if isinstance(png, str) and not png.strip():
+            raise JobError(path + "png", "is empty: draw this concept's region on the canvas, pick a preset "
+                                         "or upload a mask")
+        if not isinstance(png, str):
             raise JobError(path + "png", "must be a base64 PNG (white = inside)")
         if len(png) > MAX_MASK_PNG_BYTES * 4 // 3 + 64:
             raise JobError(path + "png", f"is larger than {MAX_MASK_PNG_BYTES // 2 ** 20} MB")

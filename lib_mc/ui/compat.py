@@ -12,6 +12,12 @@ def js_kwargs(code: str) -> dict:
     return {"_js": code} if GRADIO_MAJOR < 4 else {"js": code}
 
 
+def latest_wins() -> dict:
+    """Gradio 4 drops an event fired while the same one is pending (trigger_mode "once"); the
+    canvas and the controls need the last edit to land, as gradio 3 does by default."""
+    return {} if GRADIO_MAJOR < 4 else {"trigger_mode": "always_last"}
+
+
 def mask_upload(label: str, **kwargs):
     """An image upload that hands Python a PIL image."""
     if GRADIO_MAJOR < 4:

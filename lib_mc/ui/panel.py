@@ -3,6 +3,11 @@ argument: a hidden textbox holding the job JSON, written by the visible controls
 
 Pasted infotext goes to a second hidden box (`paste_box`) that fills the controls, so a
 control's own updates never loop back into it.
+
+The region canvas (javascript/multi_concept_*.js) mounts into an HTML slot, writes what is drawn
+into the hidden `canvas` box and redraws itself from the job whenever the job changes. The
+hidden boxes the page script touches are rendered but hidden by CSS (`mc-hidden`): gradio 3
+leaves invisible components out of the page.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from typing import Callable
 import gradio as gr
 
 from . import compat
-from .panel_state import CONCEPT_FIELDS, MAX_UI_CONCEPTS, REGION_CHOICES, add_lora, compose, decompose, default_values
+from .panel_state import (CONCEPT_FIELDS, MAX_UI_CONCEPTS, REGION_CHOICES, TOP_FIELDS, add_lora, apply_canvas,
+                          compose, decompose, default_values)
 
 ELEM = "multi_concept"
+HIDDEN = ["mc-hidden"]   # in the page for the canvas script, out of sight (style.css)
+TO_CANVAS_JS = "(job) => { if (window.MultiConcept) window.MultiConcept.fromJob(job); return []; }"
 
 
 @dataclass
@@ -44,7 +52,8 @@ def _concept_row(i: int, defaults: list, lora_choices: list[str]):
                                     info="The word in the main prompt this concept stands for, e.g. woman")
         with gr.Row():
             region = gr.Dropdown(REGION_CHOICES, value=d["region"], label="Region", elem_id=f"{ELEM}_region_{i}",
-                                 info="Where this concept goes: a preset, a rectangle or an uploaded mask")
+                                 info="Where this concept goes: a preset, a rectangle, drawn on the canvas "
+                                      "or an uploaded mask")
             x = gr.Number(d["x"], label="x", elem_id=f"{ELEM}_x_{i}", info="left edge, 0-1")
             y = gr.Number(d["y"], label="y", elem_id=f"{ELEM}_y_{i}", info="top edge, 0-1")
             w = gr.Number(d["w"], label="width", elem_id=f"{ELEM}_w_{i}", info="0-1")
@@ -55,8 +64,7 @@ def _concept_row(i: int, defaults: list, lora_choices: list[str]):
 
 def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callable[[], list[str]] | None = None) -> Panel:
     defaults = default_values()
-    top = dict(zip(("enabled", "mode", "start_at", "layout_replay", "self_attn_replay_until", "feather",
-                    "save_layout", "count"), defaults[:8]))
+    top = dict(zip(TOP_FIELDS, defaults[:len(TOP_FIELDS)]))
     try:
         choices = sorted(lora_names())
     except Exception:   # the LoRA list is a convenience: the panel must build without it
@@ -82,34 +90,39 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
             self_until = gr.Slider(0, 1, top["self_attn_replay_until"], step=0.05,
                                    label="Keep the layout's shapes until", elem_id=f"{ELEM}_self_until",
                                    info="Fraction of steps with self-attention replay in low-res layers")
-        gr.HTML(f'<div id="{ELEM}_canvas_slot"></div>')   # the region canvas (issue 4) mounts here
+        gr.HTML(f'<div id="{ELEM}_canvas_slot" class="mc-canvas-slot"></div>')   # the region canvas mounts here
+        canvas = gr.Textbox(top["canvas"], elem_id=f"{ELEM}_canvas_data", elem_classes=HIDDEN, show_label=False)
         with gr.Row():
             count = gr.Slider(1, MAX_UI_CONCEPTS, top["count"], step=1, label="Concepts",
                               elem_id=f"{ELEM}_count", info="How many concepts to place")
             refresh = gr.Button("Refresh LoRA list", elem_id=f"{ELEM}_refresh")
         groups, rows, picks = [], [], []
         for i in range(MAX_UI_CONCEPTS):
-            start = 8 + i * len(CONCEPT_FIELDS)
+            start = len(TOP_FIELDS) + i * len(CONCEPT_FIELDS)
             group, row, pick = _concept_row(i, defaults[start:start + len(CONCEPT_FIELDS)], choices)
             groups.append(group)
             rows.append(row)
             picks.append(pick)
-        job = gr.Textbox(compose(*defaults), visible=False, elem_id=f"{ELEM}_job")
+        job = gr.Textbox(compose(*defaults), elem_id=f"{ELEM}_job", elem_classes=HIDDEN, show_label=False)
         paste_box = gr.Textbox("", visible=False, elem_id=f"{ELEM}_paste")
 
-    controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, count]
+    controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, count, canvas]
     controls += [c for row in rows for c in row]
     _wire(controls, job, paste_box, count, groups, rows, picks, refresh, refresh_lora_names or lora_names)
+    _wire_canvas(controls, job, canvas)
     return Panel(job, paste_box, controls)
 
 
 def _wire(controls, job, paste_box, count, groups, rows, picks, refresh, lora_names):
     for control in controls:
+        if control.elem_id == f"{ELEM}_canvas_data":
+            continue   # _wire_canvas
+        # User edits only: programmatic updates (paste, the canvas) set the job themselves, and a
+        # cascade of change events would race them with stale inputs.
         events = ("upload", "clear") if isinstance(control, gr.Image) else ("input",)
-        if isinstance(control, (gr.Dropdown, gr.Checkbox, gr.Slider)):
-            events = ("change",)   # programmatic updates come only from paste, which recomposes anyway
         for event in events:
-            getattr(control, event)(compose, inputs=controls, outputs=[job], show_progress=False)
+            getattr(control, event)(compose, inputs=controls, outputs=[job], show_progress=False, queue=False,
+                                    **compat.latest_wins())
 
     count.change(lambda n: [compat.update(visible=i < int(n)) for i in range(MAX_UI_CONCEPTS)],
                  inputs=[count], outputs=groups, show_progress=False)
@@ -128,3 +141,17 @@ def _wire(controls, job, paste_box, count, groups, rows, picks, refresh, lora_na
             return [compat.update() for _ in controls] + [compat.update()]
         return values + [compose(*values)]
     paste_box.change(pasted, inputs=[paste_box], outputs=controls + [job], show_progress=False)
+
+
+def _wire_canvas(controls, job, canvas):
+    """Canvas -> region controls -> job, and job -> canvas (client side only)."""
+    region_fields = [CONCEPT_FIELDS.index(f) for f in ("region", "x", "y", "w", "h")]
+    targets = [len(TOP_FIELDS) + i * len(CONCEPT_FIELDS) + f for i in range(MAX_UI_CONCEPTS) for f in region_fields]
+
+    def drawn(*values):
+        values = apply_canvas(*values)
+        return [values[t] for t in targets] + [compose(*values)]
+    # queue=False: a drawing must not wait behind a running generation in the WebUI's queue
+    canvas.input(drawn, inputs=controls, outputs=[controls[t] for t in targets] + [job], show_progress=False,
+                 queue=False, **compat.latest_wins())
+    job.change(None, inputs=[job], outputs=None, show_progress=False, queue=False, **compat.js_kwargs(TO_CANVAS_JS))

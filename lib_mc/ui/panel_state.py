@@ -3,6 +3,11 @@
 The panel's visible controls are a flat list of values: the TOP fields, then CONCEPT_FIELDS for
 each of MAX_UI_CONCEPTS rows. `compose` turns them into the job JSON (the script's one
 argument); `decompose` does the reverse for pasted infotext or a loaded job.
+
+The region canvas (javascript/) speaks through the top field "canvas": JSON
+`{"regions": [region or null per concept], "z": [front-to-back rank per concept]}`. A concept whose
+region control says "drawn" takes its region from there; `apply_canvas` turns what was drawn into
+the region controls (a drawn rectangle becomes a preset or "rectangle" with numbers).
 """
 
 from __future__ import annotations
@@ -11,22 +16,23 @@ import base64
 import io
 import json
 
-from ..job import Job, JobError, parse_job
-from ..regions import PRESETS, decode_png
+from ..job import Job, JobError, Region, parse_job
+from ..regions import PRESETS
 
 MAX_UI_CONCEPTS = 6
 TOP_FIELDS = ("enabled", "mode", "start_at", "layout_replay", "self_attn_replay_until", "feather",
-              "save_layout", "count")
+              "save_layout", "count", "canvas")
 CONCEPT_FIELDS = ("name", "loras", "prompt", "negative_prompt", "class_word", "region", "x", "y", "w", "h",
                   "mask")
-REGION_CHOICES = list(PRESETS) + ["rectangle", "mask", "auto"]
+DRAWN = "drawn"   # region control value: the region comes from the canvas
+REGION_CHOICES = list(PRESETS) + ["rectangle", DRAWN, "mask", "auto"]
 DEFAULT_PRESETS = ["left half", "right half", "middle third", "full", "full", "full"]
 
 
 def default_values() -> list:
     job = Job()
     top = [False, job.mode, job.start_at, job.layout_replay, job.self_attn_replay_until, job.feather,
-           job.save_layout, 2]
+           job.save_layout, 2, ""]
     rows = []
     for i in range(MAX_UI_CONCEPTS):
         rows += [f"concept {i + 1}", "", "", "", "", DEFAULT_PRESETS[i], 0.0, 0.0, 1.0, 1.0, None]
@@ -73,7 +79,29 @@ def _image_to_png(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _region(kind: str, x, y, w, h, mask) -> dict:
+def parse_canvas(text) -> tuple[list, list]:
+    """The canvas field -> (regions, z); anything malformed reads as nothing drawn."""
+    try:
+        data = json.loads(text) if text else {}
+    except (TypeError, ValueError):
+        return [], []
+    if not isinstance(data, dict):
+        return [], []
+    regions = data.get("regions") if isinstance(data.get("regions"), list) else []
+    z = data.get("z") if isinstance(data.get("z"), list) else []
+    if not all(r is None or (isinstance(r, dict) and r.get("type") in ("rect", "mask")) for r in regions):
+        return [], []   # not from our editor: ignore it whole rather than guess
+    z = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in z]
+    return regions, z
+
+
+def canvas_text(regions: list, z: list) -> str:
+    return json.dumps({"regions": regions, "z": z})
+
+
+def _region(kind: str, x, y, w, h, mask, drawn=None) -> dict:
+    if kind == DRAWN:
+        return dict(drawn) if drawn else {"type": "mask", "png": ""}
     if kind in PRESETS:
         px, py, pw, ph = PRESETS[kind][0]
         return {"type": "rect", "x": px, "y": py, "w": pw, "h": ph}
@@ -88,17 +116,61 @@ def compose(*values) -> str:
     """Control values -> job JSON text (what the script receives)."""
     top = dict(zip(TOP_FIELDS, values[:len(TOP_FIELDS)]))
     count = max(1, min(MAX_UI_CONCEPTS, int(top.pop("count") or 1)))
+    drawn, z = parse_canvas(top.pop("canvas"))
+    z = z[:count] if len(z) >= count and None not in z[:count] else []
+    if z == sorted(z) and len(set(z)) == len(z):
+        z = []   # list order already is the front-to-back order: keep the JSON plain
     concepts = []
     for i in range(count):
         start = len(TOP_FIELDS) + i * len(CONCEPT_FIELDS)
         row = dict(zip(CONCEPT_FIELDS, values[start:start + len(CONCEPT_FIELDS)]))
-        concepts.append({
+        concept = {
             "name": row["name"] or f"concept {i + 1}", "loras": parse_loras(row["loras"]),
             "prompt": row["prompt"] or "", "negative_prompt": row["negative_prompt"] or "",
             "class_word": row["class_word"] or "",
-            "region": _region(row["region"], row["x"], row["y"], row["w"], row["h"], row["mask"]),
-        })
+            "region": _region(row["region"], row["x"], row["y"], row["w"], row["h"], row["mask"],
+                              drawn[i] if i < len(drawn) else None),
+        }
+        if z:
+            concept["z"] = z[i]
+        concepts.append(concept)
     return json.dumps({"version": 1, **top, "concepts": concepts})
+
+
+def _same_region(a: dict, b: dict) -> bool:
+    if a.get("type") != b.get("type"):
+        return False
+    if a["type"] == "rect":
+        return all(abs(float(a.get(k, 0)) - float(b.get(k, 0))) < 1e-3 for k in "xywh")
+    return a.get("png") == b.get("png")
+
+
+def apply_canvas(*values) -> list:
+    """Control values with the canvas field just written by the editor -> new control values.
+
+    A region that the canvas reports unchanged keeps its control (an uploaded mask stays an
+    upload); a drawn rectangle becomes its preset or "rectangle"; anything else is "drawn".
+    """
+    values = list(values)
+    regions, _ = parse_canvas(values[TOP_FIELDS.index("canvas")])
+    count = max(1, min(MAX_UI_CONCEPTS, int(values[TOP_FIELDS.index("count")] or 1)))
+    for i in range(min(count, len(regions))):
+        start = len(TOP_FIELDS) + i * len(CONCEPT_FIELDS)
+        at = {field: start + CONCEPT_FIELDS.index(field) for field in ("region", "x", "y", "w", "h", "mask")}
+        current = values[at["region"]]
+        if current == "auto" and regions[i] is None:
+            continue   # found after the layout pass: nothing to draw yet
+        if current not in (DRAWN, "auto") and regions[i] is not None and _same_region(
+                regions[i], _region(current, *(values[at[k]] for k in ("x", "y", "w", "h", "mask")))):
+            continue
+        region = regions[i]
+        if region is not None and region["type"] == "rect":
+            r = Region("rect", *(float(region.get(k, d)) for k, d in (("x", 0), ("y", 0), ("w", 1), ("h", 1))))
+            values[at["region"]] = _preset_of(r)
+            values[at["x"]], values[at["y"]], values[at["w"]], values[at["h"]] = r.x, r.y, r.w, r.h
+        else:
+            values[at["region"]] = DRAWN
+    return values
 
 
 def _preset_of(region) -> str:
@@ -106,6 +178,14 @@ def _preset_of(region) -> str:
         if all(abs(a - b) < 1e-3 for a, b in zip(rects[0], (region.x, region.y, region.w, region.h))):
             return name
     return "rectangle"
+
+
+def _region_json(region: Region) -> dict | None:
+    if region.type == "rect":
+        return {"type": "rect", "x": region.x, "y": region.y, "w": region.w, "h": region.h}
+    if region.type == "mask":
+        return {"type": "mask", "png": region.png}
+    return None
 
 
 def decompose(text: str) -> list | None:
@@ -116,8 +196,13 @@ def decompose(text: str) -> list | None:
         return None
     if not job.concepts:
         return None
+    shown = job.concepts[:MAX_UI_CONCEPTS]
+    drawn = [_region_json(c.region) for c in shown]   # what the canvas shows; a rect keeps its preset
+    z = [c.z for c in shown] if any(c.z is not None for c in shown) else []
+    if None in z:   # partly given: an unranked concept ranks by its list index, as in the plan
+        z = [c.z if c.z is not None else i for i, c in enumerate(shown)]
     values = [job.enabled, job.mode, job.start_at, job.layout_replay, job.self_attn_replay_until, job.feather,
-              job.save_layout, min(len(job.concepts), MAX_UI_CONCEPTS)]
+              job.save_layout, len(shown), canvas_text(drawn, z)]
     defaults = default_values()
     for i in range(MAX_UI_CONCEPTS):
         if i >= len(job.concepts):
@@ -126,8 +211,7 @@ def decompose(text: str) -> list | None:
             continue
         c = job.concepts[i]
         r = c.region
-        kind = {"rect": _preset_of(r), "mask": "mask", "auto": "auto"}[r.type]
-        mask = decode_png(r.png, f"concepts[{i}].region.png").convert("L") if r.type == "mask" else None
+        kind = {"rect": _preset_of(r), "mask": DRAWN, "auto": "auto"}[r.type]
         values += [c.name, format_loras(c.loras), c.prompt, c.negative_prompt, c.class_word, kind,
-                   r.x, r.y, r.w, r.h, mask]
+                   r.x, r.y, r.w, r.h, None]
     return values

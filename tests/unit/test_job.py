@@ -47,6 +47,7 @@ def test_empty_argument_means_disabled_and_unknown_keys_are_ignored():
     ({"concepts": [{"region": {"type": "rect", "x": 0.6, "w": 0.5}}]}, r"concepts\[0\].region", "outside"),
     ({"concepts": [{"region": {"type": "circle"}}]}, r"concepts\[0\].region.type", "'rect', 'mask' or 'auto'"),
     ({"concepts": [{"region": {"type": "mask"}}]}, r"concepts\[0\].region.png", "base64 PNG"),
+    ({"concepts": [{"region": {"type": "mask", "png": " "}}]}, r"concepts\[0\].region.png", "draw this concept"),
     ({"concepts": [{"prompt": 5}]}, r"concepts\[0\].prompt", "must be text"),
 ])
 def test_bad_fields_are_named(change, field, problem):

@@ -17,7 +17,7 @@ def test_panel_builds_twice_without_side_effects_and_exposes_one_job_component()
         with gr.Blocks():
             panels.append(build_panel(names))
     for panel in panels:
-        assert isinstance(panel.job, gr.Textbox) and not panel.job.visible
+        assert isinstance(panel.job, gr.Textbox) and "mc-hidden" in panel.job.elem_classes
         job = parse_job(panel.job.value)
         assert not job.enabled and len(job.concepts) == 2
     assert len(calls) == 2

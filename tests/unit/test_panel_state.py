@@ -1,14 +1,17 @@
 """Panel controls <-> job JSON."""
 
+import base64
+import io
 import json
 
+import pytest
 import torch
 from PIL import Image
 
-from lib_mc.job import parse_job
+from lib_mc.job import JobError, parse_job
 from lib_mc.regions import region_mask
-from lib_mc.ui.panel_state import (CONCEPT_FIELDS, TOP_FIELDS, add_lora, compose, decompose, default_values,
-                                   parse_loras)
+from lib_mc.ui.panel_state import (CONCEPT_FIELDS, TOP_FIELDS, add_lora, apply_canvas, compose, decompose,
+                                   default_values, parse_loras)
 
 
 def set_row(values, i, **fields):
@@ -57,3 +60,88 @@ def test_lora_text_helpers():
     assert add_lora("", "alice") == "alice:0.8"
     assert add_lora("alice:0.8", "bob", 0.6) == "alice:0.8, bob:0.6"
     assert add_lora("alice:0.8", "alice") == "alice:0.8"
+
+
+def canvas(regions, z=None):
+    return json.dumps({"regions": regions, "z": z or list(range(len(regions)))})
+
+
+def test_a_drawn_rectangle_becomes_a_preset_or_numbers_and_a_stroke_becomes_a_drawn_mask():
+    values = default_values()
+    stroke = Image.new("RGBA", (32, 32), (255, 255, 255, 0))
+    stroke.paste((255, 255, 255, 255), (20, 4, 28, 30))
+    buffer = io.BytesIO()
+    stroke.save(buffer, format="PNG")
+    png = base64.b64encode(buffer.getvalue()).decode()
+    values[TOP_FIELDS.index("canvas")] = canvas([{"type": "rect", "x": 0.1, "y": 0.2, "w": 0.3, "h": 0.4},
+                                                 {"type": "mask", "png": png}])
+    applied = apply_canvas(*values)
+    row0 = dict(zip(CONCEPT_FIELDS, applied[len(TOP_FIELDS):]))
+    row1 = dict(zip(CONCEPT_FIELDS, applied[len(TOP_FIELDS) + len(CONCEPT_FIELDS):]))
+    assert (row0["region"], row0["x"], row0["y"], row0["w"], row0["h"]) == ("rectangle", 0.1, 0.2, 0.3, 0.4)
+    assert row1["region"] == "drawn"
+    job = parse_job(compose(*applied))
+    assert job.concepts[1].region.png == png
+    drawn = region_mask(job.concepts[1].region, (32, 32), "m")
+    assert drawn[10, 24] == 1 and drawn[10, 5] == 0 and drawn[31, 24] == 0
+    # a rectangle that is a preset reads as that preset
+    values[TOP_FIELDS.index("canvas")] = canvas([{"type": "rect", "x": 0.5, "y": 0, "w": 0.5, "h": 1}, None])
+    applied = apply_canvas(*values)
+    assert applied[len(TOP_FIELDS) + CONCEPT_FIELDS.index("region")] == "right half"
+
+
+def test_a_region_the_canvas_reports_unchanged_keeps_its_control():
+    values = default_values()
+    mask = Image.new("L", (16, 16), 0)
+    mask.paste(255, (0, 0, 8, 16))
+    set_row(values, 1, region="mask", mask=mask)
+    uploaded = parse_job(compose(*values)).concepts[1].region.png
+    values[TOP_FIELDS.index("canvas")] = canvas([{"type": "rect", "x": 0, "y": 0, "w": 0.5, "h": 1},
+                                                 {"type": "mask", "png": uploaded}])
+    applied = apply_canvas(*values)
+    assert applied == values   # left half stays the preset, the upload stays an upload
+
+
+def test_a_cleared_region_asks_for_a_drawing_by_name():
+    values = default_values()
+    values[TOP_FIELDS.index("canvas")] = canvas([None, {"type": "rect", "x": 0.5, "y": 0, "w": 0.5, "h": 1}])
+    text = compose(*apply_canvas(*values))
+    with pytest.raises(JobError, match=r"concepts\[0\].region.png: is empty: draw this concept's region"):
+        parse_job(text)
+
+
+def test_front_to_back_order_from_the_canvas_goes_into_z_and_comes_back_on_paste():
+    values = default_values()
+    values[TOP_FIELDS.index("canvas")] = canvas([None, None], z=[1, 0])   # concept 1 in front
+    job = parse_job(compose(*values))
+    assert [c.z for c in job.concepts] == [1, 0]
+    back = decompose(compose(*values))
+    assert json.loads(back[TOP_FIELDS.index("canvas")])["z"] == [1, 0]
+    values[TOP_FIELDS.index("canvas")] = canvas([None, None], z=[0, 1])   # list order: no z in the JSON
+    assert all(c.z is None for c in parse_job(compose(*values)).concepts)
+
+
+def test_a_pasted_mask_region_shows_as_drawn_and_survives_unchanged():
+    png = compose_mask_png()
+    text = json.dumps({"enabled": True, "concepts": [{"region": {"type": "mask", "png": png}},
+                                                     {"region": {"type": "rect", "x": 0.5, "w": 0.5}}]})
+    values = decompose(text)
+    assert values[len(TOP_FIELDS) + CONCEPT_FIELDS.index("region")] == "drawn"
+    assert parse_job(compose(*values)).concepts[0].region.png == png
+    assert parse_job(compose(*apply_canvas(*values))).concepts[0].region.png == png
+
+
+def test_malformed_canvas_data_reads_as_nothing_drawn():
+    for junk in ("{", "[1]", json.dumps({"regions": "x", "z": {}}), json.dumps({"regions": [{"type": "svg"}]})):
+        values = default_values()
+        values[TOP_FIELDS.index("canvas")] = junk
+        assert apply_canvas(*values) == values
+        assert parse_job(compose(*values)).concepts[0].region.w == 0.5
+
+
+def compose_mask_png():
+    mask = Image.new("L", (24, 24), 0)
+    mask.paste(255, (4, 4, 12, 20))
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -1,0 +1,97 @@
+// Multi-Concept region canvas, part 4: mounting into the panel and talking to the page.
+// The editor lives in window.MultiConcept.editor; when gradio re-renders the panel, the same
+// editor (with what was drawn) is put back into the new slot.
+(function () {
+    "use strict";
+    const MC = (window.MultiConcept = window.MultiConcept || {});
+    const SLOT_ID = "multi_concept_canvas_slot";
+    const DATA_ID = "multi_concept_canvas_data";   // the hidden textbox Python reads
+    const JOB_ID = "multi_concept_job";            // the job JSON (the script's argument)
+
+    function root() {
+        const app = document.querySelector("gradio-app");
+        return (app && app.shadowRoot) || document;
+    }
+
+    function numberOf(id) {
+        const input = root().querySelector(`#${id} input[type=number]`) || root().querySelector(`#${id} input`);
+        return input ? Number(input.value) : NaN;
+    }
+
+    MC.readImageSize = function () {
+        const width = numberOf("txt2img_width"), height = numberOf("txt2img_height");
+        return width > 0 && height > 0 ? [width, height] : null;
+    };
+
+    MC.sendToPython = function (text) {
+        const box = root().querySelector(`#${DATA_ID} textarea`);
+        if (!box) return;
+        box.value = text;
+        box.dispatchEvent(new Event("input", {bubbles: true}));
+    };
+
+    MC.selectedOutputImage = function () {
+        const gallery = root().querySelector("#txt2img_gallery");
+        if (!gallery) return null;
+        const image = gallery.querySelector(".preview img, button.selected img, img");
+        return image ? image.src : null;
+    };
+
+    // Called by gradio (js= / _js=) with the job JSON whenever the job changes.
+    MC.fromJob = function (job) {
+        MC.mount();
+        if (MC.editor) MC.editor.fromJob(job);
+        return [];
+    };
+
+    MC.mount = function () {
+        const slot = root().querySelector(`#${SLOT_ID}`);
+        if (!slot) return false;
+        if (!MC.editor) MC.editor = new MC.Editor();
+        if (!MC.editor.concepts.length) {   // first mount: draw what the job already holds
+            const job = root().querySelector(`#${JOB_ID} textarea`);
+            if (job && job.value) MC.editor.fromJob(job.value);
+        }
+        if (MC.editor.root.parentNode !== slot) {
+            slot.replaceChildren(MC.editor.root);
+            MC.editor.syncImageSize();
+            MC.editor.requestRender();
+        }
+        return true;
+    };
+
+    function watchImageSize() {   // width/height sliders and number boxes, by their events
+        const handler = (event) => {
+            const target = event.target;
+            if (target && target.closest && target.closest("#txt2img_width, #txt2img_height") && MC.editor) {
+                MC.editor.syncImageSize();
+            }
+        };
+        document.addEventListener("input", handler, true);
+        document.addEventListener("change", handler, true);
+    }
+
+    function start() {
+        watchImageSize();
+        // Mount now if the panel is there, and again whenever the page re-renders it. The observer
+        // only checks one id per batch of DOM changes: no polling, no busy loop.
+        let queued = false;
+        const observer = new MutationObserver(() => {
+            if (queued) return;
+            queued = true;
+            requestAnimationFrame(() => {
+                queued = false;
+                const slot = root().querySelector(`#${SLOT_ID}`);
+                if (slot && (!MC.editor || MC.editor.root.parentNode !== slot)) MC.mount();
+            });
+        });
+        observer.observe(document.body, {childList: true, subtree: true});
+        MC.mount();
+    }
+
+    if (!MC.started) {
+        MC.started = true;
+        if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+        else start();
+    }
+})();

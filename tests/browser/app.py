@@ -1,0 +1,76 @@
+"""A gradio app that mounts the real Multi-Concept panel the way the WebUI does, for browser tests.
+
+It builds txt2img's width/height controls (same element ids as A1111/Forge), the panel from
+`build_panel`, a Generate button whose handler records the job JSON that Python receives, and
+a Load button that pastes a job into the panel's paste box as infotext does. The extension's
+javascript/*.js go into <head> and style.css into <body>, as `file=` URLs, exactly like the
+WebUI's template patch (modules/ui_gradio_extensions.py).
+
+Usage: python tests/browser/app.py PORT RECORD_FILE
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import gradio as gr            # noqa: E402
+import gradio.routes           # noqa: E402
+
+from lib_mc.ui.panel import build_panel   # noqa: E402
+
+
+def webpath(path: pathlib.Path) -> str:
+    return f"file={path.as_posix()}?{os.path.getmtime(path)}"
+
+
+def inject_extension_files() -> None:
+    scripts = "".join(f'<script type="text/javascript" src="{webpath(p)}"></script>\n'
+                      for p in sorted((ROOT / "javascript").glob("*.js")))
+    css = f'<link rel="stylesheet" property="stylesheet" href="{webpath(ROOT / "style.css")}">'
+    original = gradio.routes.templates.TemplateResponse
+
+    def template_response(*args, **kwargs):
+        response = original(*args, **kwargs)
+        response.body = response.body.replace(b"</head>", f"{scripts}</head>".encode())
+        response.body = response.body.replace(b"</body>", f"{css}</body>".encode())
+        response.init_headers()
+        return response
+    gradio.routes.templates.TemplateResponse = template_response
+
+
+def build(record: pathlib.Path) -> gr.Blocks:
+    with gr.Blocks(analytics_enabled=False) as demo:
+        with gr.Row():
+            gr.Slider(64, 2048, 512, step=8, label="Width", elem_id="txt2img_width", interactive=True)
+            gr.Slider(64, 2048, 512, step=8, label="Height", elem_id="txt2img_height", interactive=True)
+        panel = build_panel(lambda: ["alice_v1", "bob_v1"])
+        generate = gr.Button("Generate", elem_id="txt2img_generate")
+        received = gr.Textbox(label="received", elem_id="received")
+        load_text = gr.Textbox(label="load", elem_id="load_text")
+        load = gr.Button("Load", elem_id="load_button")
+
+        def run(job: str) -> str:
+            record.write_text(job)
+            return str(len(job))
+        generate.click(run, inputs=[panel.job], outputs=[received])
+        load.click(lambda text: text, inputs=[load_text], outputs=[panel.paste_box])
+    return demo
+
+
+def main() -> None:
+    port, record = int(sys.argv[1]), pathlib.Path(sys.argv[2])
+    inject_extension_files()
+    demo = build(record)
+    demo.queue()
+    print("gradio", gr.__version__, flush=True)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=False,
+                allowed_paths=[str(ROOT)], show_api=False, quiet=True)
+
+
+if __name__ == "__main__":
+    main()

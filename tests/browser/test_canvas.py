@@ -1,0 +1,205 @@
+"""The region canvas in a real browser: drawing reaches Python, the job reaches the canvas."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pathlib
+import time
+
+import numpy as np
+from PIL import Image
+
+from lib_mc.job import parse_job
+from lib_mc.regions import region_mask
+
+COLOURS = [(0xE6, 0x19, 0x4B), (0x3C, 0xB4, 0x4B)]   # concepts 1 and 2, as in multi_concept_2_widgets.js
+GROUND = (0x20, 0x20, 0x20)
+SCREENSHOTS = pathlib.Path(os.environ.get("MC_SCREENSHOTS", pathlib.Path(__file__).parent / "screenshots"))
+
+
+def canvas_box(page):
+    return page.locator("#multi_concept canvas.mc-canvas").bounding_box()
+
+
+def at(box, fx, fy):
+    return box["x"] + fx * box["width"], box["y"] + fy * box["height"]
+
+
+def drag(page, box, start, end, steps=12):
+    page.mouse.move(*at(box, *start))
+    page.mouse.down()
+    page.mouse.move(*at(box, *end), steps=steps)
+    page.mouse.up()
+
+
+def touch_stroke(page, box, points):
+    """A finger stroke through Chromium's touch input (pointerType "touch")."""
+    cdp = page.context.new_cdp_session(page)
+    kinds = ["touchStart"] + ["touchMove"] * (len(points) - 1)
+    for kind, point in zip(kinds, points):
+        x, y = at(box, *point)
+        cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    cdp.detach()
+
+
+def job_in_page(page) -> dict:
+    return json.loads(page.locator("#multi_concept_job textarea").input_value())
+
+
+def wait_for_job(page, condition: str):
+    """Waits until the job JSON held by the page (written by Python) satisfies a JS condition on `job`."""
+    page.wait_for_function(
+        "(cond) => { const box = document.querySelector('#multi_concept_job textarea');"
+        " if (!box) return false; const job = JSON.parse(box.value); return eval(cond); }",
+        arg=condition, timeout=20000)
+
+
+def generate(page, panel_app) -> dict:
+    """Clicks Generate and returns the job JSON the Python handler received."""
+    before = time.time() - 0.01
+    page.click("#txt2img_generate")
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        text = panel_app.received(before)
+        if text:
+            return json.loads(text)
+        time.sleep(0.1)
+    raise AssertionError("the Generate handler received nothing")
+
+
+def canvas_pixels(page) -> np.ndarray:
+    shot = page.locator("#multi_concept canvas.mc-canvas").screenshot()
+    return np.asarray(Image.open(io.BytesIO(shot)).convert("RGB"), dtype=np.int16)
+
+
+def tint(colour, alpha=0.55):
+    return np.array([round(c * alpha + g * (1 - alpha)) for c, g in zip(colour, GROUND)])
+
+
+def pixel_is(pixels, fx, fy, colour, tol=12):
+    h, w = pixels.shape[:2]
+    return np.abs(pixels[int(fy * h), int(fx * w)] - np.array(colour)).max() <= tol
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_drawing_a_rectangle_and_a_brush_stroke_reaches_python_as_regions(page, panel_app):
+    box = canvas_box(page)
+    page.click('#multi_concept [data-concept="0"]')
+    page.click('#multi_concept [data-tool="rect"]')
+    drag(page, box, (0.1, 0.1), (0.4, 0.6))
+    page.click('#multi_concept [data-concept="1"]')
+    page.click('#multi_concept button[title="Clear the selected concept\'s region"]')   # its preset half
+    page.click('#multi_concept [data-tool="brush"]')
+    drag(page, box, (0.6, 0.2), (0.9, 0.8), steps=20)
+    wait_for_job(page, "job.concepts[1].region.type === 'mask' && Math.abs(job.concepts[0].region.x - 0.1) < 0.02")
+
+    job = parse_job(generate(page, panel_app))
+    first, second = job.concepts[0].region, job.concepts[1].region
+    assert first.type == "rect"
+    assert [round(v, 2) for v in (first.x, first.y, first.w, first.h)] == [0.1, 0.1, 0.3, 0.5]
+    assert second.type == "mask"
+    mask = region_mask(second, (128, 128), "concepts[1].region").numpy()
+    for t in np.linspace(0, 1, 9):   # painted all along the stroke (the brush is 48 px of 512 wide)
+        assert mask[int((0.2 + 0.6 * t) * 127), int((0.6 + 0.3 * t) * 127)] == 1
+    assert mask[:, :64].sum() == 0 and mask[:16].sum() == 0 and mask[112:].sum() == 0   # nothing elsewhere
+    assert mask[64, 110] == 0   # beside the stroke
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#multi_concept").screenshot(path=str(SCREENSHOTS / f"panel-{panel_app.flavour}.png"))
+
+
+def test_a_loaded_job_shows_on_the_canvas_and_comes_back_unchanged(page, panel_app):
+    triangle = Image.new("L", (64, 64), 0)
+    for row in range(32, 64):
+        triangle.paste(255, (96 - row, row, 64, row + 1))   # lower right, a shape no rect can be
+    png = png_b64(triangle)
+    job = {"version": 1, "enabled": True, "concepts": [
+        {"name": "alice", "region": {"type": "rect", "x": 0, "y": 0, "w": 0.5, "h": 0.5}},
+        {"name": "bob", "region": {"type": "mask", "png": png}}]}
+    page.fill("#load_text textarea", json.dumps(job))
+    page.click("#load_button")
+    wait_for_job(page, "job.concepts[0].name === 'alice'")
+    page.wait_for_function("window.MultiConcept.editor.concepts[1].layer.version > 0 && "
+                           "window.MultiConcept.editor.concepts[0].name === 'alice'")
+    time.sleep(0.3)   # the next animation frame draws
+
+    pixels = canvas_pixels(page)
+    assert pixel_is(pixels, 0.25, 0.25, tint(COLOURS[0]))      # alice's rectangle
+    assert pixel_is(pixels, 0.9, 0.9, tint(COLOURS[1]))        # inside bob's triangle
+    assert pixel_is(pixels, 0.6, 0.6, GROUND)                  # below the triangle's diagonal
+    assert pixel_is(pixels, 0.75, 0.25, GROUND)                # nobody's
+    legend = page.locator("#multi_concept .mc-legend").inner_text()
+    assert "alice" in legend and "bob" in legend
+
+    received = generate(page, panel_app)   # untouched regions come back exactly as loaded
+    assert received["concepts"][1]["region"] == {"type": "mask", "png": png}
+    assert received["concepts"][0]["region"] == {"type": "rect", "x": 0, "y": 0, "w": 0.5, "h": 0.5}
+
+
+def test_front_to_back_order_touch_drawing_undo_and_shortcuts(page, panel_app):
+    box = canvas_box(page)
+    # typing a shortcut letter into a prompt must not switch tools
+    page.fill("#multi_concept_prompt_0 textarea", "a brave knight")
+    assert page.evaluate("window.MultiConcept.editor.tool") == "rect"
+    # a finger stroke for concept 2 over concept 1's preset half
+    page.click('#multi_concept [data-concept="1"]')
+    page.click('#multi_concept [data-tool="brush"]')
+    touch_stroke(page, box, [(0.2, 0.5), (0.3, 0.5), (0.4, 0.5)])
+    wait_for_job(page, "job.concepts[1].region.type === 'mask'")
+    # bring concept 1 to the front from the legend: concept 2 is listed first (in front) now
+    page.locator('#multi_concept [data-concept="0"] button[title="Bring forward"]').click()
+    wait_for_job(page, "job.concepts[0].z === 1 && job.concepts[1].z === 0")
+    received = parse_job(generate(page, panel_app))
+    assert [c.z for c in received.concepts] == [1, 0] and received.concepts[0].prompt == "a brave knight"
+    stroke = region_mask(received.concepts[1].region, (128, 128), "m")   # layer size: a quarter of 512
+    assert stroke[64, 40] == 1 and stroke[64, 10] == 0   # painted by the finger, not beyond its start
+
+    # keys act only on the focused canvas; Ctrl+Z undoes the order change, then the stroke
+    page.locator("#multi_concept canvas.mc-canvas").focus()
+    page.keyboard.press("e")
+    assert page.evaluate("window.MultiConcept.editor.tool") == "eraser"
+    page.keyboard.press("Control+z")
+    wait_for_job(page, "job.concepts.every((c) => c.z === undefined)")
+    page.keyboard.press("Control+z")
+    wait_for_job(page, "job.concepts[1].region.type === 'rect' && job.concepts[1].region.x === 0.5")
+
+
+def test_the_canvas_follows_width_and_height_and_survives_a_rerender(page, panel_app):
+    for width, height in ((1024, 512), (512, 768)):
+        page.fill("#txt2img_width input[type=number]", str(width))
+        page.fill("#txt2img_height input[type=number]", str(height))
+        page.locator("#txt2img_height input[type=number]").press("Enter")
+        page.wait_for_function(f"document.querySelector('#multi_concept canvas.mc-canvas')"
+                               f".dataset.imageSize === '{width}x{height}'")
+        box = canvas_box(page)
+        assert abs(box["width"] / box["height"] - width / height) < 0.02
+
+    box = canvas_box(page)
+    page.click('#multi_concept [data-concept="0"]')
+    drag(page, box, (0.05, 0.05), (0.3, 0.3))
+    wait_for_job(page, "job.concepts[0].region.w < 0.3")
+    # the page re-renders the panel's HTML: the same editor, with what was drawn, comes back
+    page.evaluate("""() => {
+        const slot = document.querySelector('#multi_concept_canvas_slot');
+        const fresh = slot.cloneNode(false);
+        slot.replaceWith(fresh);
+    }""")
+    page.wait_for_function("document.querySelector('#multi_concept_canvas_slot canvas.mc-canvas') !== null")
+    time.sleep(0.3)
+    pixels = canvas_pixels(page)
+    assert pixel_is(pixels, 0.15, 0.15, tint(COLOURS[0]))
+    assert pixel_is(pixels, 0.6, 0.8, tint(COLOURS[1]))   # concept 2's preset right half
+
+    # idle means idle: no frames are drawn while nothing changes (no busy loop)
+    before = page.evaluate("window.MultiConcept.editor.renderCount")
+    time.sleep(1.0)
+    assert page.evaluate("window.MultiConcept.editor.renderCount") == before

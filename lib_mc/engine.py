@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .auto.attention_maps import AttentionRecorder
+from .auto.masks import masks_from_maps
 from .errors import EngineError
 from .hooks.attention import is_attention, make_attention_forward
 from .hooks.lora_rows import make_lora_forward
@@ -66,6 +68,15 @@ class MultiConceptSession:
         self.phase: str | None = None
         self._call_index = 0
         self._prepare_patches(warn)   # raises LoraMismatchError before anything is touched
+        # automatic regions: stage 1 also records the class words' cross-attention
+        auto = [plan.concepts[i] for i in plan.auto_concepts]
+        self.recorder = AttentionRecorder([c.auto_tokens for c in auto]) if auto else None
+        self.record_patches = PatchSet()
+        if self.recorder is not None:
+            for module in unet.modules():
+                if is_attention(module):
+                    self.record_patches.add(module, "forward",
+                                            lambda original, module=module: self.recorder.make_forward(module, original))
 
     def _prepare_patches(self, warn) -> None:
         ops: dict[nn.Module, dict[int, list]] = {}
@@ -86,15 +97,23 @@ class MultiConceptSession:
     def stage1(self):
         self.records.clear()
         self.phase = "record"
+        if self.recorder is not None:
+            self.recorder.sums.clear()
+            self.record_patches.apply()
         try:
             yield self
         finally:
+            self.record_patches.remove()
+            if self.recorder is not None:
+                self.recorder.active = False
             self.phase = None
 
     @contextlib.contextmanager
     def stage2(self):
         if not self.records:
             raise EngineError("stage 2 needs a stage-1 run first")
+        if self.recorder is not None:
+            self.find_regions()
         self.phase, self._call_index = "blend", 0
         self.patches.apply()
         try:
@@ -109,6 +128,9 @@ class MultiConceptSession:
     def denoise(self, model_fn, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, *,
                 n_cond: int, step: int, total_steps: int) -> torch.Tensor:
         if self.phase == "record":
+            if self.recorder is not None:
+                self.recorder.active = step >= _fraction_step(self.plan.options.auto_from, total_steps)
+                self.recorder.n_cond = n_cond
             out = self._model(model_fn, x, sigma, cond)
             self.records.append(Recorded(x[:n_cond].clone(), sigma.clone(), out.clone()))
             return out
@@ -155,11 +177,23 @@ class MultiConceptSession:
                               conds, call)
             for group in rows.groups:
                 outputs[(group.kind, group.index)] = out[group.rows]
-        weights = self.plan.regions.latent_on(x)
+        weights = self.plan.weights_on(x, n_cond)
         blended = outputs[("base", -1)] * weights[0]
         for index in range(len(self.plan.concepts)):
             blended = blended + outputs[("concept", index)] * weights[index + 1]
         return blended
+
+    def find_regions(self) -> torch.Tensor:
+        """The automatic concepts' masks from stage 1's attention, per image, into the plan."""
+        regions = self.plan.regions
+        if not self.recorder.sums:
+            raise EngineError("automatic regions: the layout pass recorded no cross-attention "
+                              "(is the recording window empty? auto_from too close to 1)")
+        maps = self.recorder.maps(regions.latent_hw, regions.grids)
+        groups = [self.plan.concepts[i].auto_group for i in self.plan.auto_concepts]
+        found = masks_from_maps(maps, groups)
+        self.plan.resolve_auto(found)
+        return found
 
     def _self_replay_tokens(self) -> int:
         """OMG replays self-attention in layers with <= (W/32)*(H/32) tokens: latent / 4."""
@@ -233,3 +267,7 @@ def _override(rows: Conditioning, own: Conditioning | None, n: int) -> Condition
         if merged[key].shape[0] != n:
             raise EngineError(f"concept conditioning '{key}' has {tensor.shape[0]} rows for a batch of {n}")
     return merged
+
+
+def _fraction_step(fraction: float, total_steps: int) -> int:
+    return min(total_steps, max(0, int(round(fraction * total_steps))))

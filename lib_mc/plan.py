@@ -28,8 +28,10 @@ class Concept:
     cond: Conditioning                 # its prompt; keys override the host's conditioning rows
     uncond: Conditioning | None        # its negative prompt; None = the host's negative
     loras: list[LoraUse]
-    mask: torch.Tensor                 # (H, W) float in [0, 1], validated
+    mask: torch.Tensor | None          # (H, W) float in [0, 1], validated; None: found automatically
     z: float | None = None             # higher sits in front; default: later concepts in front
+    auto_tokens: list[int] | None = None  # automatic region: base-prompt context positions of its class word
+    auto_group: int = -1               # automatic concepts with the same group share those tokens
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Options:
     self_attn_replay_until: float = 0.4  # ... and low-res self-attention until this fraction
     feather: float = 0.0               # mask feather, image pixels
     max_rows_per_call: int | None = None  # split concept rows into further UNet calls above this
+    auto_from: float = 0.3             # automatic regions: stage-1 attention counts from this fraction of steps
 
 
 @dataclass
@@ -46,7 +49,43 @@ class Plan:
     concepts: list[Concept]
     image_size: tuple[int, int]
     options: Options
-    regions: RegionWeights = field(repr=False)
+    regions: RegionWeights = field(repr=False)   # automatic concepts: full image until found
+    image_regions: list[RegionWeights] | None = field(default=None, repr=False)   # per image, once found
+    found_masks: torch.Tensor | None = field(default=None, repr=False)   # (B, n_auto, h, w) latent cells
+
+    @property
+    def auto_concepts(self) -> list[int]:
+        return [i for i, c in enumerate(self.concepts) if c.auto_tokens is not None]
+
+    def back_to_front(self) -> list[int]:
+        """By z when given, else list order (later in front); stable for ties."""
+        return sorted(range(len(self.concepts)),
+                      key=lambda i: (self.concepts[i].z if self.concepts[i].z is not None else i, i))
+
+    def resolve_auto(self, found: torch.Tensor) -> None:
+        """found: (B, n_auto, h, w) masks of the automatic concepts, one set per image."""
+        auto = self.auto_concepts
+        if found.shape[1] != len(auto):
+            raise PlanError("auto masks", f"{found.shape[1]} masks for {len(auto)} automatic concepts")
+        self.found_masks = found
+        per_image = []
+        for b in range(found.shape[0]):
+            masks = [c.mask for c in self.concepts]
+            for slot, index in enumerate(auto):
+                masks[index] = found[b, slot]
+            per_image.append(RegionWeights(masks, self.image_size, back_to_front=self.back_to_front(),
+                                           feather_px=self.options.feather))
+        self.image_regions = per_image
+        self.regions = per_image[0]
+
+    def weights_on(self, x: torch.Tensor, n_cond: int) -> torch.Tensor:
+        """Blend weights (n + 1, rows or 1, 1, h, w) for the rows of x: [cond rows, uncond rows]."""
+        if self.image_regions is None:
+            return self.regions.latent_on(x)
+        images = len(self.image_regions)
+        rows = [r if r < n_cond else (r - n_cond) for r in range(x.shape[0])]
+        stacked = torch.stack([self.image_regions[min(r, images - 1)].latent for r in rows], 1)
+        return stacked.to(x.device, x.dtype)[:, :, None]
 
     def start_step(self, total_steps: int) -> int:
         return _fraction_to_step(self.options.start_at, total_steps)
@@ -109,7 +148,11 @@ def _concept(item: Any, i: int) -> Concept:
         item = vars(item)
     if not isinstance(item, Mapping):
         raise PlanError(name, "must be a Concept or a mapping")
-    if "mask" not in item or item["mask"] is None:
+    auto = item.get("auto_tokens")
+    if auto is not None and (not isinstance(auto, Sequence) or not auto or
+                             not all(isinstance(t, int) and t >= 0 for t in auto)):
+        raise PlanError(f"{name}.auto_tokens", f"must be a non-empty list of token positions, got {auto!r}")
+    if auto is None and ("mask" not in item or item["mask"] is None):
         raise PlanError(f"{name}.mask", "is missing")
     z = item.get("z")
     return Concept(
@@ -117,8 +160,10 @@ def _concept(item: Any, i: int) -> Concept:
         cond=_conditioning(item.get("cond"), f"{name}.cond"),
         uncond=_conditioning(item.get("uncond"), f"{name}.uncond", optional=True),
         loras=_loras(item.get("loras"), f"{name}.loras"),
-        mask=check_mask(item["mask"], f"{name}.mask"),
+        mask=None if auto is not None else check_mask(item["mask"], f"{name}.mask"),
         z=None if z is None else _number(z, f"{name}.z"),
+        auto_tokens=None if auto is None else list(auto),
+        auto_group=int(item.get("auto_group", i)),
     )
 
 
@@ -134,6 +179,7 @@ def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: An
     opts.start_at = _number(opts.start_at, "start_at", 0.0, 1.0)
     opts.self_attn_replay_until = _number(opts.self_attn_replay_until, "self_attn_replay_until", 0.0, 1.0)
     opts.feather = _number(opts.feather, "feather", 0.0)
+    opts.auto_from = _number(opts.auto_from, "auto_from", 0.0, 1.0)
     if not isinstance(opts.layout_replay, bool):
         raise PlanError("layout_replay", f"must be true or false, got {opts.layout_replay!r}")
     if opts.max_rows_per_call is not None and (
@@ -144,8 +190,9 @@ def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: An
     if not concepts:
         raise PlanError("concepts", "is empty: add at least one concept or disable Multi-Concept")
     parsed = [_concept(item, i) for i, item in enumerate(concepts)]
-    # back to front: by z when given, else list order (later in front); stable for ties
-    order = sorted(range(len(parsed)), key=lambda i: (parsed[i].z if parsed[i].z is not None else i, i))
-    regions = RegionWeights([c.mask for c in parsed], tuple(int(v) for v in image_size),
-                            back_to_front=order, feather_px=opts.feather)
-    return Plan(parsed, (int(image_size[0]), int(image_size[1])), opts, regions)
+    hw = (int(image_size[0]), int(image_size[1]))
+    plan = Plan(parsed, hw, opts, regions=None)
+    # until the layout pass finds them, automatic regions cover the image (never blended so)
+    masks = [c.mask if c.mask is not None else torch.ones(hw) for c in parsed]
+    plan.regions = RegionWeights(masks, hw, back_to_front=plan.back_to_front(), feather_px=opts.feather)
+    return plan

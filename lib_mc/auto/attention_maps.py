@@ -1,0 +1,72 @@
+"""Stage-1 cross-attention of chosen tokens, summed over layers and steps (no extra model).
+
+During the layout pass a recorder sits on every attention module: after the host's own forward
+it recomputes softmax(q k^T) for the conditional rows of cross-attention calls and adds the
+probabilities of the watched tokens, averaged over heads, to a map per grid size. Only steps in
+the recording window count (later steps place subjects more precisely).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionRecorder:
+    def __init__(self, tokens: list[list[int]]):
+        self.tokens = tokens                  # per watched concept: context positions
+        self.flat = sorted({t for group in tokens for t in group})
+        self.active = False
+        self.n_cond = 0
+        self.sums: dict[int, torch.Tensor] = {}   # n_query_tokens -> (B, n_flat, n) summed probabilities
+        self.counts: dict[int, int] = {}
+
+    def make_forward(self, module, original):
+        def forward(x, context=None, mask=None, **kwargs):
+            out = original(x, context=context, mask=mask, **kwargs)
+            if self.active and context is not None and self.flat and context.shape[1] > self.flat[-1]:
+                self._record(module, x[:self.n_cond], context[:self.n_cond])
+            return out
+        return forward
+
+    @torch.no_grad()
+    def _record(self, module, x, context):
+        heads = module.heads
+        q, k = module.to_q(x), module.to_k(context)
+        b, n, inner = q.shape
+        q = q.view(b, n, heads, inner // heads).transpose(1, 2).float()
+        k = k.view(b, -1, heads, inner // heads).transpose(1, 2).float()
+        probs = (q @ k.transpose(-1, -2) * (inner // heads) ** -0.5).softmax(-1)   # (b, h, n, T)
+        picked = probs[..., self.flat].mean(1).transpose(1, 2)                     # (b, n_flat, n)
+        if n in self.sums and self.sums[n].shape[0] == b:
+            self.sums[n] += picked.cpu()
+        else:
+            self.sums[n] = picked.cpu()
+        self.counts[n] = self.counts.get(n, 0) + 1
+
+    def maps(self, latent_hw: tuple[int, int], grids: list[tuple[int, int]]) -> torch.Tensor:
+        """(B, n_concepts, h, w) at latent size: each grid's mean map, scaled to a maximum of 1,
+        upsampled and summed over the grids (coarse grids place the subject, fine ones its edges)."""
+        by_tokens = {h * w: (h, w) for h, w in grids}
+        total = None
+        for n, summed in self.sums.items():
+            hw = by_tokens.get(n)
+            if hw is None:
+                continue
+            grid = (summed / self.counts[n]).view(summed.shape[0], summed.shape[1], *hw)
+            grid = _stretch(grid)   # each grid counts alike, whatever its attention's spread
+            up = F.interpolate(grid, size=latent_hw, mode="bilinear", align_corners=False)
+            total = up if total is None else total + up
+        if total is None:
+            raise RuntimeError("no cross-attention was recorded in the layout pass")
+        total = _stretch(total)
+        index = {t: i for i, t in enumerate(self.flat)}
+        return torch.stack([total[:, [index[t] for t in group]].mean(1) if group else torch.zeros_like(total[:, 0])
+                            for group in self.tokens], 1)
+
+
+def _stretch(maps: torch.Tensor) -> torch.Tensor:
+    """Each (h, w) map to [0, 1]: attention has a floor everywhere; the subject is the excess."""
+    low = maps.flatten(2).amin(-1)[..., None, None]
+    high = maps.flatten(2).amax(-1)[..., None, None]
+    return (maps - low) / (high - low).clamp_min(1e-8)

@@ -1,0 +1,111 @@
+"""Attention maps of the layout pass -> one binary mask per automatic concept (pure torch/scipy).
+
+Concepts that watched different words compete: a cell goes to the concept whose normalised map
+is strongest there, if that clears the threshold. Concepts that share one occurrence of a word
+("two men" with one "men") split its area by k-means on cell positions, left to right in list
+order. Holes are filled, specks dropped, and a mask is never empty (its strongest cells remain).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+THRESHOLD = 0.5        # of each map's range (maps arrive stretched to [0, 1])
+MIN_SHARE = 0.15       # a blob smaller than this share of the concept's largest blob is a speck
+FALLBACK_TOP = 0.1     # an empty mask keeps this fraction of its strongest cells
+
+
+def masks_from_maps(maps: torch.Tensor, groups: Sequence[int], threshold: float = THRESHOLD) -> torch.Tensor:
+    """maps: (B, n, h, w) attention per concept; groups[i]: concepts with the same group id
+    watched the same tokens. Returns (B, n, h, w) float masks in {0, 1}, disjoint per image."""
+    out = torch.zeros_like(maps, dtype=torch.float32)
+    for b in range(maps.shape[0]):
+        out[b] = _one_image(maps[b].float(), list(groups), threshold)
+    return out
+
+
+def _one_image(maps: torch.Tensor, groups: list[int], threshold: float) -> torch.Tensor:
+    n, h, w = maps.shape
+    low, high = maps.flatten(1).amin(-1)[:, None, None], maps.flatten(1).amax(-1)[:, None, None]
+    norm = (maps - low) / (high - low).clamp_min(1e-8)   # a flat map (no subject) becomes all 0
+    owner = norm.argmax(0)
+    strongest = norm.amax(0)
+    masks = torch.zeros(n, h, w)
+    for gid in dict.fromkeys(groups):
+        members = [i for i, g in enumerate(groups) if g == gid]
+        area = (strongest > threshold) & (owner == members[0])   # members share one map
+        if len(members) == 1:
+            masks[members[0]] = area.float()
+        else:
+            for member, part in zip(members, _split(area, norm[members[0]], len(members))):
+                masks[member] = part
+    for i in range(n):
+        masks[i] = _tidy(masks[i])
+    # tidying may have grown masks into each other: the stronger map keeps a contested cell
+    taken = torch.zeros(h, w, dtype=torch.bool)
+    for i in sorted(range(n), key=lambda i: -float((norm[i] * masks[i]).sum() / masks[i].sum().clamp_min(1))):
+        masks[i] = masks[i] * (~taken).float()
+        taken |= masks[i] > 0
+    for i in range(n):   # nothing found: the strongest cells nobody else holds
+        if masks[i].sum() == 0:
+            masks[i] = _strongest_cells(norm[i].masked_fill(taken, -1.0))
+            taken |= masks[i] > 0
+    return masks
+
+
+def _split(area: torch.Tensor, weight: torch.Tensor, k: int, iterations: int = 20) -> list[torch.Tensor]:
+    """k-means on the area's cell positions (weighted by attention), clusters left to right."""
+    ys, xs = torch.nonzero(area, as_tuple=True)
+    h, w = area.shape
+    if len(xs) < k:   # too little to split: vertical strips of the image
+        return [_strip(h, w, j, k) for j in range(k)]
+    points = torch.stack([xs.float(), ys.float()], 1)
+    wts = weight[ys, xs].clamp_min(1e-6)
+    order = points[:, 0].argsort()
+    centres = torch.stack([points[order[int((j + 0.5) * len(order) / k)]] for j in range(k)])
+    for _ in range(iterations):
+        label = torch.cdist(points, centres).argmin(1)
+        for j in range(k):
+            chosen = label == j
+            if chosen.any():
+                centres[j] = (points[chosen] * wts[chosen, None]).sum(0) / wts[chosen].sum()
+    label = torch.cdist(points, centres).argmin(1)
+    parts = []
+    for j in centres[:, 0].argsort().tolist():
+        part = torch.zeros(h, w)
+        part[ys[label == j], xs[label == j]] = 1
+        parts.append(part)
+    return parts
+
+
+def _strip(h: int, w: int, j: int, k: int) -> torch.Tensor:
+    part = torch.zeros(h, w)
+    part[:, round(j * w / k):round((j + 1) * w / k)] = 1
+    return part
+
+
+def _tidy(mask: torch.Tensor) -> torch.Tensor:
+    """Close small gaps, fill holes, drop specks."""
+    if mask.sum() == 0:
+        return mask
+    closed = -F.max_pool2d(-F.max_pool2d(mask[None, None], 3, 1, 1), 3, 1, 1)[0, 0]
+    filled = ndimage.binary_fill_holes(closed.numpy() > 0.5)
+    labels, count = ndimage.label(filled)
+    if count > 1:
+        sizes = ndimage.sum(filled, labels, range(1, count + 1))
+        keep = [i + 1 for i, size in enumerate(sizes) if size >= MIN_SHARE * sizes.max()]
+        filled = np.isin(labels, keep)
+    return torch.from_numpy(filled.astype(np.float32))
+
+
+def _strongest_cells(norm: torch.Tensor) -> torch.Tensor:
+    flat = norm.flatten()
+    keep = max(1, int(FALLBACK_TOP * flat.numel()))
+    mask = torch.zeros_like(flat)
+    mask[flat.topk(keep).indices] = 1
+    return mask.view_as(norm)

@@ -1,0 +1,169 @@
+"""Automatic regions from the layout pass's cross-attention, on the real ldm UNet.
+
+Attention is planted in the real CrossAttention modules: for each planted token, its key is
+set to a direction u and the queries of the chosen latent cells get a large multiple of u, so
+that token dominates those cells' attention in every cross-attention layer, through ldm's own
+forward. The engine must find masks where the tokens were planted.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from lib_mc.auto.masks import masks_from_maps
+from lib_mc.auto.tokens import assign_occurrences, find_word
+from lib_mc.engine import MultiConceptSession
+from lib_mc.errors import PlanError
+from lib_mc.plan import build_plan
+from tinyhost import CFGHost, TinyLDM, make_unet, random_context, sample
+
+IMAGE = (128, 128)   # latent 16 x 16
+LATENT = (16, 16)
+
+
+class PlantedKey(nn.Module):
+    def __init__(self, inner: nn.Linear, tokens: list[int], directions: torch.Tensor):
+        super().__init__()
+        self.inner, self.tokens, self.directions = inner, tokens, directions
+
+    def forward(self, context):
+        k = self.inner(context).clone()
+        if context.shape[1] > max(self.tokens):
+            for token, u in zip(self.tokens, self.directions):
+                k[:, token] = u
+        return k
+
+
+class PlantedQuery(nn.Module):
+    """Adds strength * u_j to the queries of the cells where token j is planted, per image."""
+
+    def __init__(self, inner: nn.Linear, cells_per_image: list[list[torch.Tensor]], directions, strength=60.0):
+        super().__init__()
+        self.inner, self.cells, self.directions, self.strength = inner, cells_per_image, directions, strength
+
+    def forward(self, x):
+        q = self.inner(x)
+        n = x.shape[1]
+        side = int(round(n ** 0.5))   # square latents in these tests
+        for row in range(q.shape[0]):
+            image = row % len(self.cells)   # cond and uncond rows of image b
+            for cells, u in zip(self.cells[image], self.directions):
+                # a coarse cell attends to the token when the subject fills most of it
+                grid = torch.nn.functional.adaptive_avg_pool2d(cells[None, None].float(), (side, side))[0, 0]
+                q[row, grid.flatten() >= 0.5] += self.strength * u
+        return q
+
+
+def plant(unet, tokens, cells_per_image):
+    """Plant token attention in every cross-attention layer (attn2 of each transformer block)."""
+    modules = [m for name, m in unet.named_modules() if name.endswith("attn2")]
+    for module in modules:
+        inner = module.to_q.out_features
+        directions = torch.nn.functional.normalize(
+            torch.randn(len(tokens), inner, generator=torch.Generator().manual_seed(7)), dim=-1)
+        module.to_k = PlantedKey(module.to_k, tokens, directions)
+        module.to_q = PlantedQuery(module.to_q, cells_per_image, directions)
+    return unet
+
+
+def cells(top, left, bottom, right):
+    mask = torch.zeros(LATENT)
+    mask[top:bottom, left:right] = 1
+    return mask
+
+
+def auto_plan(concepts, **options):
+    return build_plan(concepts, IMAGE, start_at=0.5, **options)
+
+
+def run_two_stages(unet, plan, batch=1, seed=0):
+    host = CFGHost(TinyLDM(unet), random_context(1), random_context(2))
+    session = MultiConceptSession(unet, plan)
+    host.route = session.denoise
+    with session.stage1():
+        sample(host, "euler", steps=6, batch=batch, seed=seed)
+    with session.stage2():
+        out = sample(host, "euler", steps=6, batch=batch, seed=seed)
+    return session, out
+
+
+def covers(found, planted):
+    """Attention is coarse (the 4x4 and 8x8 layers see the subject in big cells): the mask must
+    hold nearly all of the planted cells, and at least half of it must be planted cells."""
+    found, planted = found > 0.5, planted > 0.5
+    inside = float((found & planted).sum())
+    return inside / float(planted.sum()) >= 0.85 and inside / float(found.sum()) >= 0.5
+
+
+def test_planted_attention_gives_each_word_its_mask_and_different_masks_per_image():
+    left, right = cells(3, 1, 13, 6), cells(2, 10, 12, 15)
+    # image 0: word A (token 2) on the left, word B (token 5) on the right; image 1 the other way round
+    unet = plant(make_unet(), [2, 5], [[left, right], [right, left]])
+    plan = auto_plan([dict(name="a", cond=random_context(3), auto_tokens=[2]),
+                      dict(name="b", cond=random_context(4), auto_tokens=[5])])
+    session, _ = run_two_stages(unet, plan, batch=2)
+    found = plan.found_masks
+    assert found.shape == (2, 2, 16, 16)
+    assert covers(found[0, 0], left) and covers(found[0, 1], right)
+    assert covers(found[1, 0], right) and covers(found[1, 1], left)
+    assert (found[0, 0] * found[0, 1]).sum() == 0
+    # the blend uses each image's own masks: image 0's concept a sits left, image 1's right
+    weights = plan.weights_on(torch.zeros(4, 4, 16, 16), n_cond=2)
+    assert weights.shape == (3, 4, 1, 16, 16)
+    assert weights[1, 0, 0, 8, 3] == 1 and weights[1, 1, 0, 8, 12] == 1 and weights[1, 3, 0, 8, 12] == 1
+    assert weights[1, 0, 0, 8, 12] == 0
+
+
+def test_two_concepts_with_one_shared_word_get_two_different_subjects_left_to_right():
+    left, right = cells(4, 1, 12, 5), cells(4, 11, 12, 15)
+    unet = plant(make_unet(), [3], [[left + right]])
+    plan = auto_plan([dict(name="man 1", cond=random_context(3), auto_tokens=[3], auto_group=0),
+                      dict(name="man 2", cond=random_context(4), auto_tokens=[3], auto_group=0)])
+    run_two_stages(unet, plan)
+    first, second = plan.found_masks[0]
+    assert (first * second).sum() == 0
+    assert covers(first, left) and covers(second, right)
+
+
+def test_drawn_and_automatic_concepts_mix_and_the_unet_is_left_unpatched():
+    unet = plant(make_unet(), [4], [[cells(0, 0, 8, 8)]])
+    drawn = torch.zeros(IMAGE)
+    drawn[64:, 64:] = 1
+    plan = auto_plan([dict(name="auto", cond=random_context(3), auto_tokens=[4]),
+                      dict(name="drawn", cond=random_context(4), mask=drawn)])
+    probe = torch.randn(1, 4, 16, 16)
+    context = random_context(9)
+    with torch.no_grad():
+        before = unet(probe, torch.tensor([500]), context=context)
+    run_two_stages(unet, plan)
+    with torch.no_grad():
+        after = unet(probe, torch.tensor([500]), context=context)
+    assert torch.equal(before, after)
+    weights = plan.image_regions[0].latent
+    assert weights[1, 2, 2] == 1 and weights[2, 12, 12] == 1 and weights[1, 12, 12] == 0
+
+
+def test_masks_from_maps_never_leaves_a_concept_empty():
+    flat = torch.full((1, 2, 8, 8), 0.1)
+    flat[0, 1, 2:5, 2:5] = 1.0   # concept 0 has no clear subject at all
+    found = masks_from_maps(flat, [0, 1])
+    assert found[0, 0].sum() > 0 and found[0, 1][3, 3] == 1
+    assert (found[0, 0] * found[0, 1]).sum() == 0
+
+
+def test_class_word_tokens_are_found_per_occurrence():
+    #            a   man  and  a   man  on  a   beach      ("man" = one token 10)
+    prompt = [49406, 1, 10, 2, 1, 10, 3, 1, 11, 49407]
+    assert find_word(prompt, [10]) == [[2], [5]]
+    assert find_word(prompt, [1, 11]) == [[7, 8]]
+    assert find_word(prompt, [12]) == []
+    picked = assign_occurrences(["man", "man", "beach"], {"man": [[2], [5]], "beach": [[7, 8]]})
+    assert picked == [[2], [5], [7, 8]]
+    assert assign_occurrences(["dog", "dog"], {"dog": [[4]]}) == [[4], [4]]
+
+
+def test_bad_automatic_concepts_are_named():
+    with pytest.raises(PlanError, match=r"concepts\[0\].auto_tokens"):
+        build_plan([dict(cond=random_context(3), auto_tokens=[])], IMAGE)
+    with pytest.raises(PlanError, match=r"concepts\[0\].mask: is missing"):
+        build_plan([dict(cond=random_context(3))], IMAGE)

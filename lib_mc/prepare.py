@@ -17,6 +17,7 @@ from .job import Job, JobError
 from .lora.bind import LoraUse
 from .lora.network import Network, load_network
 from .plan import Conditioning, Plan, build_plan
+from .auto.tokens import assign_occurrences
 from .regions import region_mask
 
 _TAG = re.compile(r"<(\w+):([^>]+)>")   # A1111's extra-network syntax: <lora:name:te[:unet]>
@@ -53,6 +54,7 @@ class HostServices(Protocol):
     def lora_names(self) -> list[str]: ...
     def encode(self, prompt: str, loras: list[tuple[LoraFile, float]]) -> Conditioning: ...
     def parse_tags(self, prompt: str) -> tuple[str, list[tuple[str, float]]]: ...
+    def word_positions(self, prompt: str, word: str) -> list[list[int]]: ...   # context positions per occurrence
 
 
 @dataclass
@@ -75,6 +77,7 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
     """Resolve LoRAs, encode concept prompts, build masks and the Plan. Raises JobError/PlanError."""
     from .lora.bind import bind_loras
     prepared_concepts, warnings, skipped = [], [], []
+    auto_tokens = _auto_tokens(job, base_prompt, services)
     cache = networks_cache if networks_cache is not None else {}
     for i, spec in enumerate(job.concepts):
         where = f"concepts[{i}]"
@@ -106,8 +109,9 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
             te_loras.append((lora, weight))
         cond = services.encode(prompt, te_loras)
         uncond = services.encode(negative, te_loras) if spec.negative_prompt else None
-        mask = region_mask(spec.region, image_hw, f"{where}.region")
-        prepared_concepts.append(dict(name=spec.name, cond=cond, uncond=uncond, loras=uses, mask=mask, z=spec.z))
+        region = dict(auto_tokens=auto_tokens[i][0], auto_group=auto_tokens[i][1]) if i in auto_tokens else \
+            dict(mask=region_mask(spec.region, image_hw, f"{where}.region"))
+        prepared_concepts.append(dict(name=spec.name, cond=cond, uncond=uncond, loras=uses, z=spec.z, **region))
     for message in warnings:
         warn(f"[Multi-Concept] {message}")
     try:
@@ -118,3 +122,30 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
             raise
         raise JobError(exc.field, exc.problem) from exc
     return Prepared(plan, warnings, skipped)
+
+
+def _auto_tokens(job: Job, base_prompt: str, services: HostServices) -> dict[int, tuple[list[int], int]]:
+    """Concept index -> (context positions of its class word in the main prompt, group id);
+    concepts given the same occurrence share a group and are split in space."""
+    auto = [i for i, c in enumerate(job.concepts) if c.region.type == "auto"]
+    if not auto:
+        return {}
+    if not hasattr(services, "word_positions"):
+        raise JobError(f"concepts[{auto[0]}].region", "automatic regions are not available on this host")
+    words = []
+    for i in auto:
+        word = job.concepts[i].class_word.strip()
+        if not word:
+            raise JobError(f"concepts[{i}].class_word", "is empty: an automatic region finds the subject "
+                                                        "by the word of the main prompt that names it, e.g. woman")
+        words.append(word)
+    occurrences = {}
+    for i, word in zip(auto, words):
+        if word not in occurrences:
+            occurrences[word] = services.word_positions(base_prompt, word)
+            if not occurrences[word]:
+                raise JobError(f"concepts[{i}].class_word", f"{word!r} is not in the main prompt; automatic "
+                                                            "regions need it there (as written, e.g. 'woman' not 'women')")
+    picked = assign_occurrences(words, occurrences)
+    groups: dict[tuple[int, ...], int] = {}
+    return {i: (tokens, groups.setdefault(tuple(tokens), len(groups))) for i, tokens in zip(auto, picked)}

@@ -73,8 +73,7 @@ def region_mask(region: Region, image_hw: tuple[int, int], field: str) -> torch.
         return rect_mask(region, image_hw)
     if region.type == "mask":
         return png_mask(region, field)
-    raise JobError(field, "automatic regions ('auto') are not available yet: draw the region, "
-                          "pick a preset or upload a mask")
+    raise JobError(field, "is automatic ('auto'): it is found in the layout pass, it has no mask before it")
 
 
 def encode_png(mask: torch.Tensor) -> str:

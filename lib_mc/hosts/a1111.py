@@ -23,6 +23,7 @@ import torch
 from modules import devices, prompt_parser, rng, shared
 from modules import extra_networks as host_extra_networks
 
+from ..auto.tokens import find_word
 from ..engine import MultiConceptSession
 from ..errors import EngineError, MultiConceptError
 from ..infotext import KEY as INFOTEXT_KEY, job_to_infotext
@@ -42,7 +43,7 @@ class JobState:
     error: Exception | None = None
     prepared: Prepared | None = None
     networks: dict[str, Network] = field(default_factory=dict)
-    layouts: list[torch.Tensor] = field(default_factory=list)
+    layouts: list[tuple[torch.Tensor, object]] = field(default_factory=list)   # (stage-1 latents, plan)
 
 
 def _state(p) -> JobState | None:
@@ -106,6 +107,15 @@ class A1111Services:
             if kind not in ("lora", "lyco"):
                 print(f"[Multi-Concept] <{kind}:...> in a concept prompt is ignored; only LoRA tags apply there")
         return clean, loras
+
+    def word_positions(self, prompt: str, word: str) -> list[list[int]]:
+        """Where the word's tokens sit in the prompt's conditioning: A1111 encodes a prompt as
+        chunks of 77 tokens (start, 75, end), concatenated; SDXL's encoders share positions."""
+        model = self.p.sd_model
+        text_model = model.conditioner.embedders[0] if hasattr(model, "conditioner") else model.cond_stage_model
+        chunks, _ = text_model.tokenize_line(prompt)
+        ids = [token for chunk in chunks for token in chunk.tokens]
+        return find_word(ids, text_model.tokenize([word])[0])
 
     def encode(self, prompt: str, loras: list[tuple[LoraFile, float]]) -> dict:
         """The concept prompt's conditioning, with its LoRAs' text-encoder part active on top of
@@ -219,7 +229,7 @@ def _two_stage(p, sampler, original, state: JobState, x, c, uc, steps, image_con
         if shared.state.interrupted or shared.state.skipped:
             return first
         stage1_calls.append(rows.calls)
-        state.layouts.append(first.detach().to(devices.cpu))
+        state.layouts.append((first.detach().to(devices.cpu), state.prepared.plan))
         old = p.rng
         p.rng = rng.ImageRNG(old.shape, old.seeds, subseeds=old.subseeds, subseed_strength=old.subseed_strength,
                              seed_resize_from_h=old.seed_resize_from_h, seed_resize_from_w=old.seed_resize_from_w)
@@ -234,9 +244,8 @@ def postprocess(p, processed) -> None:
     state = _state(p)
     if state is None or state.job is None or not state.job.save_layout or not state.layouts:
         return
-    plan = state.prepared.plan if state.prepared else None
     try:
-        images = layout_outputs(p.sd_model, state.layouts, plan, [c.name for c in state.job.concepts])
+        images = layout_outputs(p.sd_model, state.layouts, [c.name for c in state.job.concepts])
     except Exception as exc:  # an extra output must never cost the user the image
         print(f"[Multi-Concept] could not make the layout images: {exc}")
         return

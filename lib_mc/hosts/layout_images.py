@@ -33,14 +33,18 @@ def overlay(image: Image.Image, weights: torch.Tensor, names: list[str]) -> Imag
     return out
 
 
-def layout_outputs(sd_model, latents: list[torch.Tensor], plan, names: list[str]) -> list[Image.Image]:
+def layout_outputs(sd_model, layouts: list[tuple[torch.Tensor, object]], names: list[str]) -> list[Image.Image]:
+    """Per batch (stage-1 latents, its plan): each layout image, then its regions over it (the
+    ones found for that very image when regions were automatic)."""
     images = []
-    for batch in latents:
+    for batch, plan in layouts:
         with torch.no_grad():
             decoded = sd_model.decode_first_stage(batch.to(next(sd_model.first_stage_model.parameters()).device,
                                                            next(sd_model.first_stage_model.parameters()).dtype))
-        for image in to_images(decoded):
+        for i, image in enumerate(to_images(decoded)):
             images.append(image)
             if plan is not None:
-                images.append(overlay(image, plan.regions.latent, names))
+                per_image = plan.image_regions
+                regions = per_image[min(i, len(per_image) - 1)] if per_image else plan.regions
+                images.append(overlay(image, regions.latent, names))
     return images

@@ -77,7 +77,7 @@ def test_undecodable_mask_and_auto_regions_give_clear_errors():
                                   {"region": {"type": "auto"}}]})
     with pytest.raises(JobError, match=r"concepts\[0\].region.png: cannot be decoded as a PNG"):
         region_mask(job.concepts[0].region, (64, 64), "concepts[0].region.png")
-    with pytest.raises(JobError, match="'auto'.*not available yet"):
+    with pytest.raises(JobError, match=r"concepts\[1\].region: is automatic \('auto'\): it is found in the layout pass"):
         region_mask(job.concepts[1].region, (64, 64), "concepts[1].region")
 
 

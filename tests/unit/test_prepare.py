@@ -27,6 +27,10 @@ class Services:
     def parse_tags(self, prompt):
         return parse_lora_tags(prompt)
 
+    def word_positions(self, prompt, word):   # one token per word, after the start token
+        words = prompt.split()
+        return [[1 + i] for i, w in enumerate(words) if w == word]
+
     def encode(self, prompt, loras):
         self.encoded.append((prompt, [(lora.name, weight) for lora, weight in loras]))
         return {"c_crossattn": random_context(len(self.encoded))}
@@ -146,5 +150,30 @@ def test_uploaded_mask_of_another_size_and_bad_masks(unet, files):
     assert weights[1, :, :15].max() == 0 and weights[1, :, 17:].min() == 1
     with pytest.raises(JobError, match=r"concepts\[0\].*all zero"):
         run(unet, Services(files), job({"name": "a", "region": {"type": "mask", "png": encode_png(torch.zeros(8, 8))}}))
-    with pytest.raises(JobError, match=r"concepts\[0\]\.region.*not available yet"):
+
+
+def test_automatic_regions_watch_their_class_words_tokens(unet, files):
+    auto = {"type": "auto"}
+    prepared, _ = run(unet, Services(files), job({"name": "him", "class_word": "man", "region": auto},
+                                                 {"name": "her", "class_word": "woman", "region": auto},
+                                                 {"name": "drawn", "region": {"type": "rect", "w": 0.5}}))
+    him, her, drawn = prepared.plan.concepts   # "a man and a woman on a beach": man = 2, woman = 5
+    assert (him.auto_tokens, her.auto_tokens) == ([2], [5]) and him.auto_group != her.auto_group
+    assert him.mask is None and drawn.auto_tokens is None and drawn.mask is not None
+    assert prepared.plan.auto_concepts == [0, 1]
+
+
+def test_one_class_word_for_two_concepts_is_shared_and_split(unet, files):
+    auto = {"type": "auto"}
+    prepared, _ = run(unet, Services(files), job({"class_word": "man", "region": auto},
+                                                 {"class_word": "man", "region": auto}))
+    first, second = prepared.plan.concepts
+    assert first.auto_tokens == second.auto_tokens == [2] and first.auto_group == second.auto_group
+
+
+def test_automatic_regions_without_a_usable_class_word_are_named(unet, files):
+    with pytest.raises(JobError, match=r"concepts\[0\].class_word: is empty: an automatic region"):
         run(unet, Services(files), job({"name": "a", "region": {"type": "auto"}}))
+    with pytest.raises(JobError, match=r"concepts\[1\].class_word: 'women' is not in the main prompt"):
+        run(unet, Services(files), job({"class_word": "man", "region": {"type": "auto"}},
+                                       {"class_word": "women", "region": {"type": "auto"}}))

@@ -112,8 +112,8 @@ class MultiConceptSession:
     def stage2(self):
         if not self.records:
             raise EngineError("stage 2 needs a stage-1 run first")
-        if self.recorder is not None:
-            self.find_regions()
+        if self.recorder is not None and self.plan.image_regions is None:
+            self.find_regions()   # a host may have found (and refined) them already
         self.phase, self._call_index = "blend", 0
         self.patches.apply()
         try:

@@ -10,8 +10,10 @@ from lib_mc.infotext import KEY as INFOTEXT_KEY
 HOST = detect()
 if HOST == "a1111":
     from lib_mc.hosts import a1111 as adapter
+    from lib_mc.hosts.a1111_sam import register_settings
     from lib_mc.hosts.a1111_xyz import register_xyz_axes
     register_xyz_axes()
+    register_settings()
 else:
     adapter = None
     print(f"[Multi-Concept] host {HOST!r} is not supported yet; the panel is hidden")

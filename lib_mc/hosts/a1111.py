@@ -31,6 +31,7 @@ from ..job import Job, JobError, parse_job
 from ..lora.network import Network
 from ..patcher import PatchSet
 from ..prepare import LoraFile, Prepared, prepare
+from . import a1111_sam
 from .a1111_xyz import XYZ_ATTR
 from .cfg_calls import CondRows, unpack_cond
 from .layout_images import layout_outputs
@@ -236,6 +237,15 @@ def _two_stage(p, sampler, original, state: JobState, x, c, uc, steps, image_con
         again = p.rng.next()
         if not torch.equal(again.to(initial.device), initial):
             raise EngineError("recreating the WebUI's noise generator did not reproduce the initial noise")
+        if session.recorder is not None:   # automatic regions: attention, then SAM when there is one
+            found = session.find_regions()
+            notes: list[str] = []
+            refined = a1111_sam.refine(p, first, found, notes)
+            if refined is not None:
+                state.prepared.plan.resolve_auto(refined)
+            if notes:
+                state.prepared.warnings.extend(n for n in notes if n not in state.prepared.warnings)
+                p.extra_generation_params["Multi-Concept warnings"] = "; ".join(state.prepared.warnings)
         with session.stage2():
             return original(p, again, c, uc, steps=steps, image_conditioning=image_conditioning)
 

@@ -116,6 +116,8 @@ def main():
     parser.add_argument("--sd15", action="store_true", help="SD1.5's full size: 512px, 320 channels, 768 context")
     parser.add_argument("--start-at", type=float, default=0.3)
     parser.add_argument("--concepts", default="1,2,4")
+    parser.add_argument("--auto-concepts", default="2",
+                        help="also time these counts with automatic regions (stage-1 attention recording); '' skips")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--host-attention", choices=["sdp", "ldm"], default="sdp",
@@ -135,14 +137,18 @@ def main():
     latent_hw = (args.size // 8, args.size // 8)
     folder = tempfile.mkdtemp()
     counts = [int(c) for c in args.concepts.split(",")]
+    auto_counts = [int(c) for c in args.auto_concepts.split(",") if c.strip()]
     networks = []
-    for i in range(max(counts)):
+    for i in range(max(counts + auto_counts)):
         path = os.path.join(folder, f"concept{i}.safetensors")
         write_lora(path, unet.cpu(), seed=100 + i, rank=16)
         networks.append(load_network(path))
     unet.to(device)
 
-    def plan_for(n):
+    def plan_for(n, auto=False):
+        if auto:   # concept i watches context token 1 + i of the base prompt
+            return build_plan([dict(cond=context(10 + i), loras=[(networks[i], 0.8)], auto_tokens=[1 + i])
+                               for i in range(n)], (args.size, args.size), start_at=args.start_at)
         masks = []
         for i in range(n):
             mask = torch.zeros(args.size, args.size)
@@ -155,8 +161,8 @@ def main():
         host.route = None
         return run_sampler(host, args.steps, latent_hw, device)
 
-    def two_stage(n):
-        session = MultiConceptSession(unet, plan_for(n))
+    def two_stage(n, auto=False):
+        session = MultiConceptSession(unet, plan_for(n, auto))
         host.route = session.denoise
         with session.stage1():
             run_sampler(host, args.steps, latent_hw, device)
@@ -166,7 +172,9 @@ def main():
     plain()  # warm-up
     rows = count_unet_rows(unet)
     results = []
-    for label, fn in [("plain", plain)] + [(f"{n} concept{'s' * (n > 1)}", (lambda n=n: two_stage(n))) for n in counts]:
+    runs = [("plain", plain)] + [(f"{n} concept{'s' * (n > 1)}", (lambda n=n: two_stage(n))) for n in counts]
+    runs += [(f"{n} auto", (lambda n=n: two_stage(n, auto=True))) for n in auto_counts]
+    for label, fn in runs:
         times, ratios = [], []
         for _ in range(args.repeats):
             start = time.perf_counter()

@@ -23,6 +23,7 @@ from torch import nn
 
 from .auto.attention_maps import AttentionRecorder
 from .auto.masks import masks_from_maps
+from .auto.refine import refine_masks
 from .errors import EngineError
 from .hooks.attention import is_attention, make_attention_forward
 from .hooks.lora_rows import make_lora_forward
@@ -72,6 +73,9 @@ class MultiConceptSession:
         auto = [plan.concepts[i] for i in plan.auto_concepts]
         self.recorder = AttentionRecorder([c.auto_tokens for c in auto]) if auto else None
         self.record_patches = PatchSet()
+        self._refined_steps: set[int] = set()
+        self.run.decoder_self_attention = {m for name, m in unet.named_modules()
+                                           if name.endswith("attn1") and ("output_blocks" in name or "up_blocks" in name)}
         if self.recorder is not None:
             for module in unet.modules():
                 if is_attention(module):
@@ -115,6 +119,7 @@ class MultiConceptSession:
         if self.recorder is not None and self.plan.image_regions is None:
             self.find_regions()   # a host may have found (and refined) them already
         self.phase, self._call_index = "blend", 0
+        self._refined_steps.clear()
         self.patches.apply()
         try:
             yield self
@@ -166,15 +171,20 @@ class MultiConceptSession:
         parts = self._parts(x, sigma, cond, n_cond, n_uncond, record)
         outputs: dict[tuple[str, int], torch.Tensor] = {}
         replay_self = step < self.plan.self_replay_until_step(total_steps)
+        refine = self._refine_now(step, total_steps)
         for chunk in self._chunks(parts):
             rows = RowPlan()
             for part in chunk:
                 rows.add(part.group.kind, part.group.n_cond, part.group.n_uncond, part.group.index)
             conds, key_mask = self._cat_conds([block for p in chunk for block in p.conds])
             call = CallState(rows, key_mask=key_mask, replay_cross=self.plan.options.layout_replay,
-                             replay_self_max_tokens=self._self_replay_tokens() if replay_self else 0)
+                             replay_self_max_tokens=self._self_replay_tokens() if replay_self else 0,
+                             capture_self_tokens=self._self_replay_tokens() if refine else 0)
             out = self._model(model_fn, torch.cat([p.x for p in chunk]), torch.cat([p.sigma for p in chunk]),
                               conds, call)
+            if "self" in call.captured:
+                self._refine(call.captured["self"])
+                refine = False
             for group in rows.groups:
                 outputs[(group.kind, group.index)] = out[group.rows]
         weights = self.plan.weights_on(x, n_cond)
@@ -194,6 +204,29 @@ class MultiConceptSession:
         found = masks_from_maps(maps, groups)
         self.plan.resolve_auto(found)
         return found
+
+    def _refine_now(self, step: int, total_steps: int) -> bool:
+        """Refinement steps: from the start step, every `refine_every`, before `refine_until`;
+        once per step (second-order samplers call twice)."""
+        o = self.plan.options
+        start = self.plan.start_step(total_steps)
+        if (not o.refine_every or self.plan.image_regions is None or step in self._refined_steps or
+                step >= _fraction_step(o.refine_until, total_steps) or (step - start) % o.refine_every):
+            return False
+        self._refined_steps.add(step)
+        return True
+
+    def _refine(self, attention: torch.Tensor) -> None:
+        """attention: (B, n, n) base-row self-attention at the latent/4 grid -> new auto masks.
+        The blend of this very call already used the old masks; the next calls use the new."""
+        plan = self.plan
+        grid = plan.regions.grid_for_tokens(attention.shape[-1])
+        found = plan.found_masks
+        current = torch.nn.functional.adaptive_avg_pool2d(found.float(), grid) > 0.5
+        k = plan.options.refine_clusters or len(plan.concepts) + 2
+        refined = torch.stack([refine_masks(attention[b].cpu(), current[min(b, len(current) - 1)].float(), k)
+                               for b in range(attention.shape[0])])
+        plan.resolve_auto(refined)
 
     def _self_replay_tokens(self) -> int:
         """OMG replays self-attention in layers with <= (W/32)*(H/32) tokens: latent / 4."""

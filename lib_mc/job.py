@@ -61,6 +61,7 @@ class Job:
     self_attn_replay_until: float = 0.4
     feather: float = 0.0
     save_layout: bool = False
+    refine_regions: bool = False      # automatic regions follow the subjects during sampling
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -68,7 +69,7 @@ class Job:
             "version": SCHEMA_VERSION, "enabled": self.enabled, "mode": self.mode,
             "start_at": self.start_at, "layout_replay": self.layout_replay,
             "self_attn_replay_until": self.self_attn_replay_until, "feather": self.feather,
-            "save_layout": self.save_layout,
+            "save_layout": self.save_layout, "refine_regions": self.refine_regions,
             "concepts": [_concept_dict(c) for c in self.concepts],
         }
 
@@ -212,6 +213,7 @@ def parse_job(raw: Any) -> Job:
         self_attn_replay_until=_num(raw, "self_attn_replay_until", 0.4, "", 0.0, 1.0),
         feather=_num(raw, "feather", 0.0, "", 0.0, 256.0),
         save_layout=_bool(raw, "save_layout", False, ""),
+        refine_regions=_bool(raw, "refine_regions", False, ""),
         concepts=[_concept(c, i) for i, c in enumerate(concepts)],
     )
     if job.enabled and not job.concepts:

@@ -42,6 +42,9 @@ class Options:
     feather: float = 0.0               # mask feather, image pixels
     max_rows_per_call: int | None = None  # split concept rows into further UNet calls above this
     auto_from: float = 0.3             # automatic regions: stage-1 attention counts from this fraction of steps
+    refine_every: int = 0              # automatic regions: re-segment every this many stage-2 steps (0 = never)
+    refine_until: float = 0.7          # ... from the start step until this fraction of steps
+    refine_clusters: int = 0           # k-means segments (0: concepts + 2)
 
 
 @dataclass
@@ -180,6 +183,11 @@ def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: An
     opts.self_attn_replay_until = _number(opts.self_attn_replay_until, "self_attn_replay_until", 0.0, 1.0)
     opts.feather = _number(opts.feather, "feather", 0.0)
     opts.auto_from = _number(opts.auto_from, "auto_from", 0.0, 1.0)
+    opts.refine_until = _number(opts.refine_until, "refine_until", 0.0, 1.0)
+    for name in ("refine_every", "refine_clusters"):
+        value = getattr(opts, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise PlanError(name, f"must be a whole number >= 0, got {value!r}")
     if not isinstance(opts.layout_replay, bool):
         raise PlanError("layout_replay", f"must be true or false, got {opts.layout_replay!r}")
     if opts.max_rows_per_call is not None and (

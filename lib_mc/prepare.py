@@ -20,6 +20,7 @@ from .plan import Conditioning, Plan, build_plan
 from .auto.tokens import assign_occurrences
 from .regions import region_mask
 
+REFINE_EVERY = 2   # steps between re-segmentations when `refine_regions` is on (Concept Conductor's cadence order)
 _TAG = re.compile(r"<(\w+):([^>]+)>")   # A1111's extra-network syntax: <lora:name:te[:unet]>
 
 
@@ -116,7 +117,8 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
         warn(f"[Multi-Concept] {message}")
     try:
         plan = build_plan(prepared_concepts, image_hw, start_at=job.start_at, layout_replay=job.layout_replay,
-                          self_attn_replay_until=job.self_attn_replay_until, feather=job.feather)
+                          self_attn_replay_until=job.self_attn_replay_until, feather=job.feather,
+                          refine_every=REFINE_EVERY if job.refine_regions else 0)
     except PlanError as exc:
         if isinstance(exc, JobError):
             raise

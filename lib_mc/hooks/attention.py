@@ -29,6 +29,9 @@ def make_attention_forward(module, original, run: RunState):
         if call is None or mask is not None or any(v for v in kwargs.values()):
             return original(x, context=context, mask=mask, **kwargs)
         cross = context is not None
+        if (not cross and call.capture_self_tokens == x.shape[1] and "self" not in call.captured
+                and module in run.decoder_self_attention):
+            _capture(module, x, call)
         key_mask = call.key_mask if cross else None
         replay = call.replay_cross if cross else x.shape[1] <= call.replay_self_max_tokens
         if key_mask is None and not replay:
@@ -51,3 +54,15 @@ def make_attention_forward(module, original, run: RunState):
         b, heads, n, d = out.shape
         return module.to_out(out.transpose(1, 2).reshape(b, n, heads * d))
     return forward
+
+
+@torch.no_grad()
+def _capture(module, x, call) -> None:
+    """The base cond rows' self-attention probabilities, averaged over heads: (B, n, n)."""
+    base = call.rows.find("base")
+    if base is None:
+        return
+    rows = x[base.cond_rows]
+    q, k = _heads(module.to_q(rows), module.heads), _heads(module.to_k(rows), module.heads)
+    probs = (q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+    call.captured["self"] = probs.mean(1)

@@ -15,6 +15,8 @@ class CallState:
     key_mask: torch.Tensor | None = None     # (rows, tokens) bool, True = real token
     replay_cross: bool = False               # base cond rows take the layout row's cross-attention
     replay_self_max_tokens: int = 0          # ... and self-attention in layers up to this size
+    capture_self_tokens: int = 0             # keep the base rows' self-attention of the first decoder layer this size
+    captured: dict = field(default_factory=dict)
     concept_rows: dict[int, slice] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -30,3 +32,4 @@ class RunState:
 
     def __init__(self):
         self.call: CallState | None = None
+        self.decoder_self_attention: set = set()   # modules whose self-attention may be captured

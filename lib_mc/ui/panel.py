@@ -90,6 +90,9 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
             self_until = gr.Slider(0, 1, top["self_attn_replay_until"], step=0.05,
                                    label="Keep the layout's shapes until", elem_id=f"{ELEM}_self_until",
                                    info="Fraction of steps with self-attention replay in low-res layers")
+            refine = gr.Checkbox(top["refine_regions"], label="Refine automatic regions while sampling",
+                                 elem_id=f"{ELEM}_refine",
+                                 info="Auto regions follow their subjects (self-attention segments)")
         gr.HTML(f'<div id="{ELEM}_canvas_slot" class="mc-canvas-slot"></div>')   # the region canvas mounts here
         canvas = gr.Textbox(top["canvas"], elem_id=f"{ELEM}_canvas_data", elem_classes=HIDDEN, show_label=False)
         with gr.Row():
@@ -106,7 +109,7 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
         job = gr.Textbox(compose(*defaults), elem_id=f"{ELEM}_job", elem_classes=HIDDEN, show_label=False)
         paste_box = gr.Textbox("", visible=False, elem_id=f"{ELEM}_paste")
 
-    controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, count, canvas]
+    controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, refine, count, canvas]
     controls += [c for row in rows for c in row]
     _wire(controls, job, paste_box, count, groups, rows, picks, refresh, refresh_lora_names or lora_names)
     _wire_canvas(controls, job, canvas)

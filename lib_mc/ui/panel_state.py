@@ -21,7 +21,7 @@ from ..regions import PRESETS
 
 MAX_UI_CONCEPTS = 6
 TOP_FIELDS = ("enabled", "mode", "start_at", "layout_replay", "self_attn_replay_until", "feather",
-              "save_layout", "count", "canvas")
+              "save_layout", "refine_regions", "count", "canvas")
 CONCEPT_FIELDS = ("name", "loras", "prompt", "negative_prompt", "class_word", "region", "x", "y", "w", "h",
                   "mask")
 DRAWN = "drawn"   # region control value: the region comes from the canvas
@@ -32,7 +32,7 @@ DEFAULT_PRESETS = ["left half", "right half", "middle third", "full", "full", "f
 def default_values() -> list:
     job = Job()
     top = [False, job.mode, job.start_at, job.layout_replay, job.self_attn_replay_until, job.feather,
-           job.save_layout, 2, ""]
+           job.save_layout, job.refine_regions, 2, ""]
     rows = []
     for i in range(MAX_UI_CONCEPTS):
         rows += [f"concept {i + 1}", "", "", "", "", DEFAULT_PRESETS[i], 0.0, 0.0, 1.0, 1.0, None]
@@ -202,7 +202,7 @@ def decompose(text: str) -> list | None:
     if None in z:   # partly given: an unranked concept ranks by its list index, as in the plan
         z = [c.z if c.z is not None else i for i, c in enumerate(shown)]
     values = [job.enabled, job.mode, job.start_at, job.layout_replay, job.self_attn_replay_until, job.feather,
-              job.save_layout, len(shown), canvas_text(drawn, z)]
+              job.save_layout, job.refine_regions, len(shown), canvas_text(drawn, z)]
     defaults = default_values()
     for i in range(MAX_UI_CONCEPTS):
         if i >= len(job.concepts):

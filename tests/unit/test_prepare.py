@@ -177,3 +177,11 @@ def test_automatic_regions_without_a_usable_class_word_are_named(unet, files):
     with pytest.raises(JobError, match=r"concepts\[1\].class_word: 'women' is not in the main prompt"):
         run(unet, Services(files), job({"class_word": "man", "region": {"type": "auto"}},
                                        {"class_word": "women", "region": {"type": "auto"}}))
+
+
+def test_refine_regions_turns_on_stage2_refinement(unet, files):
+    auto = {"type": "auto"}
+    prepared, _ = run(unet, Services(files), job({"class_word": "man", "region": auto}, refine_regions=True))
+    assert prepared.plan.options.refine_every == 2
+    prepared, _ = run(unet, Services(files), job({"class_word": "man", "region": auto}))
+    assert prepared.plan.options.refine_every == 0

@@ -200,8 +200,8 @@ class MultiConceptSession:
             raise EngineError("automatic regions: the layout pass recorded no cross-attention "
                               "(is the recording window empty? auto_from too close to 1)")
         maps = self.recorder.maps(regions.latent_hw, regions.grids)
-        groups = [self.plan.concepts[i].auto_group for i in self.plan.auto_concepts]
-        found = masks_from_maps(maps, groups)
+        auto = [self.plan.concepts[i] for i in self.plan.auto_concepts]
+        found = masks_from_maps(maps, [c.auto_group for c in auto], hints=[c.auto_hint for c in auto])
         self.plan.resolve_auto(found)
         return found
 

@@ -32,6 +32,7 @@ class Concept:
     z: float | None = None             # higher sits in front; default: later concepts in front
     auto_tokens: list[int] | None = None  # automatic region: base-prompt context positions of its class word
     auto_group: int = -1               # automatic concepts with the same group share those tokens
+    auto_hint: str = ""                # which part of a shared word's area: "left", "right", "largest"
 
 
 @dataclass
@@ -167,6 +168,7 @@ def _concept(item: Any, i: int) -> Concept:
         z=None if z is None else _number(z, f"{name}.z"),
         auto_tokens=None if auto is None else list(auto),
         auto_group=int(item.get("auto_group", i)),
+        auto_hint=str(item.get("auto_hint") or ""),
     )
 
 

@@ -110,7 +110,8 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
             te_loras.append((lora, weight))
         cond = services.encode(prompt, te_loras)
         uncond = services.encode(negative, te_loras) if spec.negative_prompt else None
-        region = dict(auto_tokens=auto_tokens[i][0], auto_group=auto_tokens[i][1]) if i in auto_tokens else \
+        region = dict(auto_tokens=auto_tokens[i][0], auto_group=auto_tokens[i][1], auto_hint=_hint(spec.name)) \
+            if i in auto_tokens else \
             dict(mask=region_mask(spec.region, image_hw, f"{where}.region"))
         prepared_concepts.append(dict(name=spec.name, cond=cond, uncond=uncond, loras=uses, z=spec.z, **region))
     for message in warnings:
@@ -151,3 +152,9 @@ def _auto_tokens(job: Job, base_prompt: str, services: HostServices) -> dict[int
     picked = assign_occurrences(words, occurrences)
     groups: dict[tuple[int, ...], int] = {}
     return {i: (tokens, groups.setdefault(tuple(tokens), len(groups))) for i, tokens in zip(auto, picked)}
+
+
+def _hint(name: str) -> str:
+    """"left man", "the largest dog": which part of a shared class word's area the concept takes."""
+    words = re.findall(r"[a-z]+", (name or "").lower())
+    return next((w for w in words if w in ("left", "right", "largest")), "")

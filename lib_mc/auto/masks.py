@@ -2,8 +2,8 @@
 
 Concepts that watched different words compete: a cell goes to the concept whose normalised map
 is strongest there, if that clears the threshold. Concepts that share one occurrence of a word
-("two men" with one "men") split its area by k-means on cell positions, left to right in list
-order. Holes are filled, specks dropped, and a mask is never empty (its strongest cells remain).
+("two men" with one "men") split its area by k-means on cell positions: a concept hinted
+"left", "right" or "largest" takes that part, the others go left to right in list order. Holes are filled, specks dropped, and a mask is never empty (its strongest cells remain).
 """
 
 from __future__ import annotations
@@ -20,16 +20,39 @@ MIN_SHARE = 0.15       # a blob smaller than this share of the concept's largest
 FALLBACK_TOP = 0.1     # an empty mask keeps this fraction of its strongest cells
 
 
-def masks_from_maps(maps: torch.Tensor, groups: Sequence[int], threshold: float = THRESHOLD) -> torch.Tensor:
+HINTS = ("left", "right", "largest")
+
+
+def masks_from_maps(maps: torch.Tensor, groups: Sequence[int], threshold: float = THRESHOLD,
+                    hints: Sequence[str] | None = None) -> torch.Tensor:
     """maps: (B, n, h, w) attention per concept; groups[i]: concepts with the same group id
-    watched the same tokens. Returns (B, n, h, w) float masks in {0, 1}, disjoint per image."""
+    watched the same tokens; hints[i]: "", "left", "right" or "largest". Returns (B, n, h, w)
+    float masks in {0, 1}, disjoint per image."""
     out = torch.zeros_like(maps, dtype=torch.float32)
+    hints = list(hints) if hints is not None else [""] * maps.shape[1]
     for b in range(maps.shape[0]):
-        out[b] = _one_image(maps[b].float(), list(groups), threshold)
+        out[b] = _one_image(maps[b].float(), list(groups), threshold, hints)
     return out
 
 
-def _one_image(maps: torch.Tensor, groups: list[int], threshold: float) -> torch.Tensor:
+def _assign(parts: list[torch.Tensor], members: list[int], hints: list[str]) -> dict[int, torch.Tensor]:
+    """Parts come left to right; hinted members choose first, the rest take what is left in order."""
+    free = list(range(len(parts)))
+    chosen: dict[int, torch.Tensor] = {}
+    for member in members:
+        hint = hints[member]
+        if hint in HINTS and free:
+            pick = {"left": free[0], "right": free[-1]}.get(hint) if hint != "largest" else \
+                max(free, key=lambda j: float(parts[j].sum()))
+            free.remove(pick)
+            chosen[member] = parts[pick]
+    for member in members:
+        if member not in chosen:
+            chosen[member] = parts[free.pop(0)]
+    return chosen
+
+
+def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: list[str]) -> torch.Tensor:
     n, h, w = maps.shape
     low, high = maps.flatten(1).amin(-1)[:, None, None], maps.flatten(1).amax(-1)[:, None, None]
     norm = (maps - low) / (high - low).clamp_min(1e-8)   # a flat map (no subject) becomes all 0
@@ -42,7 +65,7 @@ def _one_image(maps: torch.Tensor, groups: list[int], threshold: float) -> torch
         if len(members) == 1:
             masks[members[0]] = area.float()
         else:
-            for member, part in zip(members, _split(area, norm[members[0]], len(members))):
+            for member, part in _assign(_split(area, norm[members[0]], len(members)), members, hints).items():
                 masks[member] = part
     for i in range(n):
         masks[i] = _tidy(masks[i])

@@ -167,3 +167,15 @@ def test_bad_automatic_concepts_are_named():
         build_plan([dict(cond=random_context(3), auto_tokens=[])], IMAGE)
     with pytest.raises(PlanError, match=r"concepts\[0\].mask: is missing"):
         build_plan([dict(cond=random_context(3))], IMAGE)
+
+
+def test_hints_pick_the_part_of_a_shared_word():
+    maps = torch.zeros(1, 2, 8, 12)   # two concepts watching one word: identical maps
+    maps[0, :, 2:6, 0:2] = 1          # a small subject on the left
+    maps[0, :, 1:7, 5:12] = 1         # a large one on the right
+    plain = masks_from_maps(maps, [0, 0])
+    assert plain[0, 0][3, 0] == 1 and plain[0, 1][3, 8] == 1            # list order: left to right
+    hinted = masks_from_maps(maps, [0, 0], hints=["right", ""])
+    assert hinted[0, 0][3, 8] == 1 and hinted[0, 1][3, 0] == 1
+    largest = masks_from_maps(maps, [0, 0], hints=["", "largest"])
+    assert largest[0, 1][3, 8] == 1 and largest[0, 0][3, 0] == 1

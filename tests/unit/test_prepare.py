@@ -166,9 +166,10 @@ def test_automatic_regions_watch_their_class_words_tokens(unet, files):
 def test_one_class_word_for_two_concepts_is_shared_and_split(unet, files):
     auto = {"type": "auto"}
     prepared, _ = run(unet, Services(files), job({"class_word": "man", "region": auto},
-                                                 {"class_word": "man", "region": auto}))
+                                                 {"name": "Right man", "class_word": "man", "region": auto}))
     first, second = prepared.plan.concepts
     assert first.auto_tokens == second.auto_tokens == [2] and first.auto_group == second.auto_group
+    assert (first.auto_hint, second.auto_hint) == ("", "right")
 
 
 def test_automatic_regions_without_a_usable_class_word_are_named(unet, files):

@@ -34,6 +34,8 @@ def job_to_infotext(job: Job) -> str:
                 region[key] = round(region[key], 4)
         elif region["type"] == "mask":
             region["png"], region["sha"] = compact_mask(region["png"], f"concepts[{i}].region.png")
+        elif region.get("found"):
+            region["found"], _ = compact_mask(region["found"], f"concepts[{i}].region.found")
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -39,6 +39,7 @@ class Region:
     w: float = 1.0
     h: float = 1.0
     png: str = ""                   # mask: base64 PNG, white = inside
+    found: str = ""                 # auto: the mask found for the image (infotext), base64 PNG
 
 
 @dataclass
@@ -80,6 +81,8 @@ def _concept_dict(c: ConceptSpec) -> dict:
         region.update(x=c.region.x, y=c.region.y, w=c.region.w, h=c.region.h)
     elif c.region.type == "mask":
         region["png"] = c.region.png
+    elif c.region.found:
+        region["found"] = c.region.found
     out = {"name": c.name, "loras": [{"name": l.name, "weight": l.weight} for l in c.loras],
            "prompt": c.prompt, "negative_prompt": c.negative_prompt, "class_word": c.class_word,
            "region": region}
@@ -144,8 +147,9 @@ def _region(data: Any, path: str) -> Region:
         if len(png) > MAX_MASK_PNG_BYTES * 4 // 3 + 64:
             raise JobError(path + "png", f"is larger than {MAX_MASK_PNG_BYTES // 2 ** 20} MB")
         return Region("mask", png=png)
-    if kind == "auto":
-        return Region("auto")
+    if kind == "auto":   # "found": what an earlier run found here (pasted infotext); never required
+        found = data.get("found")
+        return Region("auto", found=found if isinstance(found, str) and 0 < len(found) <= MAX_MASK_PNG_BYTES else "")
     raise JobError(path + "type", f"must be 'rect', 'mask' or 'auto', got {kind!r}")
 
 

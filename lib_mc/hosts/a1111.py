@@ -14,6 +14,7 @@ Flow per job:
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from ..job import Job, JobError, parse_job
 from ..lora.network import Network
 from ..patcher import PatchSet
 from ..prepare import LoraFile, Prepared, prepare
+from ..regions import encode_png
 from . import a1111_sam
 from .a1111_xyz import XYZ_ATTR
 from .cfg_calls import CondRows, unpack_cond
@@ -45,6 +47,24 @@ class JobState:
     prepared: Prepared | None = None
     networks: dict[str, Network] = field(default_factory=dict)
     layouts: list[tuple[torch.Tensor, object]] = field(default_factory=list)   # (stage-1 latents, plan)
+    found: dict[int, dict[int, str]] = field(default_factory=dict)   # image index -> concept -> found mask PNG
+
+
+class ImageInfotext:
+    """The job for one image's infotext (A1111 calls it with the image's `index`): automatic
+    regions carry the masks found for that very image, so pasting it brings them back drawn."""
+
+    def __init__(self, state: JobState):
+        self.state = state
+
+    def __call__(self, index=None, **kwargs) -> str:
+        job = self.state.job
+        found = self.state.found.get(index or 0)
+        if found:
+            job = copy.deepcopy(job)
+            for concept_index, png in found.items():
+                job.concepts[concept_index].region.found = png
+        return job_to_infotext(job)
 
 
 def _state(p) -> JobState | None:
@@ -156,8 +176,8 @@ def process(p, job_arg) -> None:
             raise JobError("concepts", "is empty: add at least one concept or disable Multi-Concept")
         if re.search(r"\bAND\b", p.prompt or ""):
             raise JobError("prompt", "AND (composable prompts) cannot be combined with Multi-Concept")
-        p.extra_generation_params[INFOTEXT_KEY] = job_to_infotext(job)
         p._multi_concept = JobState(job)
+        p.extra_generation_params[INFOTEXT_KEY] = ImageInfotext(p._multi_concept)
     except MultiConceptError as exc:
         p._multi_concept = JobState(error=exc)
         print(f"[Multi-Concept] {exc}")
@@ -247,7 +267,19 @@ def _two_stage(p, sampler, original, state: JobState, x, c, uc, steps, image_con
                 state.prepared.warnings.extend(n for n in notes if n not in state.prepared.warnings)
                 p.extra_generation_params["Multi-Concept warnings"] = "; ".join(state.prepared.warnings)
         with session.stage2():
-            return original(p, again, c, uc, steps=steps, image_conditioning=image_conditioning)
+            result = original(p, again, c, uc, steps=steps, image_conditioning=image_conditioning)
+        _remember_found(p, state)
+        return result
+
+
+def _remember_found(p, state: JobState) -> None:
+    plan = state.prepared.plan
+    if plan.found_masks is None:
+        return
+    auto = plan.auto_concepts
+    for b in range(plan.found_masks.shape[0]):
+        index = getattr(p, "iteration", 0) * p.batch_size + b
+        state.found[index] = {concept: encode_png(plan.found_masks[b, slot]) for slot, concept in enumerate(auto)}
 
 
 def postprocess(p, processed) -> None:

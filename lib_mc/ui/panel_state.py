@@ -197,7 +197,10 @@ def decompose(text: str) -> list | None:
     if not job.concepts:
         return None
     shown = job.concepts[:MAX_UI_CONCEPTS]
-    drawn = [_region_json(c.region) for c in shown]   # what the canvas shows; a rect keeps its preset
+    # what the canvas shows; a rect keeps its preset; an automatic region found in the pasted
+    # image's run comes back drawn, to be corrected and re-run with the same seed
+    drawn = [{"type": "mask", "png": c.region.found} if c.region.type == "auto" and c.region.found
+             else _region_json(c.region) for c in shown]
     z = [c.z for c in shown] if any(c.z is not None for c in shown) else []
     if None in z:   # partly given: an unranked concept ranks by its list index, as in the plan
         z = [c.z if c.z is not None else i for i, c in enumerate(shown)]
@@ -211,7 +214,7 @@ def decompose(text: str) -> list | None:
             continue
         c = job.concepts[i]
         r = c.region
-        kind = {"rect": _preset_of(r), "mask": DRAWN, "auto": "auto"}[r.type]
+        kind = {"rect": _preset_of(r), "mask": DRAWN, "auto": DRAWN if r.found else "auto"}[r.type]
         values += [c.name, format_loras(c.loras), c.prompt, c.negative_prompt, c.class_word, kind,
                    r.x, r.y, r.w, r.h, None]
     return values

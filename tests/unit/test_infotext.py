@@ -3,7 +3,7 @@ import json
 import torch
 
 from lib_mc.infotext import infotext_to_job, job_to_infotext
-from lib_mc.job import parse_job
+from lib_mc.job import Region, parse_job
 from lib_mc.regions import encode_png, region_mask
 
 
@@ -24,3 +24,22 @@ def test_infotext_is_compact_and_pastes_back_to_the_same_job():
     restored = region_mask(back.concepts[1].region, (512, 512), "m")
     assert restored.shape == (128, 128) and restored[:, 80:].min() == 1 and restored[:, :70].max() == 0
     assert len(json.loads(text)["concepts"][1]["region"]["sha"]) == 12
+
+
+def test_a_found_automatic_region_travels_small_and_pastes_back_drawn():
+    from lib_mc.ui.panel_state import CONCEPT_FIELDS, TOP_FIELDS, compose, decompose
+    found = torch.zeros(512, 512)
+    found[100:400, 50:200] = 1
+    job = parse_job({"enabled": True, "concepts": [
+        {"name": "him", "class_word": "man", "region": {"type": "auto", "found": encode_png(found)}},
+        {"name": "her", "class_word": "woman", "region": {"type": "auto"}}]})
+    text = job_to_infotext(job)
+    back = infotext_to_job(text)
+    small = region_mask(Region("mask", png=back.concepts[0].region.found), (1, 1), "found")
+    assert max(small.shape) == 128 and small[64, 30] == 1 and small[5, 5] == 0
+    assert back.concepts[0].region.type == "auto" and not back.concepts[1].region.found
+    values = decompose(text)   # pasted: the found mask is on the canvas, as a drawn region
+    assert values[len(TOP_FIELDS) + CONCEPT_FIELDS.index("region")] == "drawn"
+    assert values[len(TOP_FIELDS) + len(CONCEPT_FIELDS) + CONCEPT_FIELDS.index("region")] == "auto"
+    rerun = parse_job(compose(*values))
+    assert rerun.concepts[0].region.type == "mask" and rerun.concepts[1].region.type == "auto"

@@ -152,10 +152,14 @@
         }
 
         // A mask from the job: white = inside; a transparent PNG counts its painted pixels.
-        fromPng(base64) {
+        fromPng(base64, stillWanted) {   // resolves false when a newer region replaced this load
             return new Promise((resolve) => {
                 const image = new Image();
                 image.onload = () => {
+                    if (stillWanted && !stillWanted()) {
+                        resolve(false);
+                        return;
+                    }
                     const tmp = document.createElement("canvas");
                     tmp.width = this.width;
                     tmp.height = this.height;

@@ -36,7 +36,7 @@
             this.background = null;
             this.drag = null;
             this.dirty = true;
-            this.tinted = new Map();   // concept index -> {version, canvas}
+            this.tinted = new WeakMap();   // layer -> {version, colour, canvas}: dies with its layer
 
             this.canvas = MC.element("canvas", {class: "mc-canvas", tabindex: "0",
                 title: "Draw the selected concept's region. R rectangle (Shift adds), B brush, E eraser, F fill, " +
@@ -122,12 +122,14 @@
                 // Until it is edited, the editor hands back the job's own region (an uploaded
                 // mask stays byte-identical instead of being re-encoded at canvas size).
                 concept.source = region.type === "rect" || region.type === "mask" ? region : null;
+                const token = concept.loadToken = {};   // only the newest load may land
                 const loaded = () => { concept.sourceVersion = concept.layer.version; };
                 if (region.type === "rect") {
                     concept.layer.setFractionRect(region.x ?? 0, region.y ?? 0, region.w ?? 1, region.h ?? 1);
                     loaded();
                 } else if (region.type === "mask" && region.png) {
-                    pending.push(concept.layer.fromPng(region.png).then(loaded));
+                    pending.push(concept.layer.fromPng(region.png, () => concept.loadToken === token)
+                        .then((done) => { if (done) loaded(); }));
                 } else {
                     concept.layer.clear();   // auto: found after the layout pass
                     loaded();
@@ -171,12 +173,23 @@
             return {layers: this.concepts.map((c) => c.layer.snapshot()), order: this.order.slice()};
         }
 
-        remember() { this.history.push(this.state()); }
+        remember() {   // before every edit: a mask still loading must not land on top of it
+            for (const concept of this.concepts) concept.loadToken = null;
+            this.history.push(this.state());
+        }
 
         restore(state) {
             if (!state) return;
-            state.layers.forEach((image, index) => this.concepts[index] && this.concepts[index].layer.restore(image));
+            const [w, h] = this.layerSize();
+            state.layers.forEach((image, index) => {
+                const concept = this.concepts[index];
+                if (!concept) return;
+                concept.loadToken = null;          // a late mask load must not overwrite the undo
+                concept.layer.restore(image);
+                concept.layer.resize(w, h);        // the image size may have changed since
+            });
             this.order = state.order.filter((index) => index < this.concepts.length);
+            for (let i = 0; i < this.concepts.length; i++) if (!this.order.includes(i)) this.order.push(i);
             this.legend.update();
             this.requestRender();
             this.exportRegions();
@@ -352,10 +365,11 @@
 
         tint(index) {
             const concept = this.concepts[index];
-            const cached = this.tinted.get(index);
+            const cached = this.tinted.get(concept.layer);
             const layer = concept.layer;
-            if (cached && cached.version === layer.version && cached.canvas.width === layer.width &&
-                cached.canvas.height === layer.height) return cached.canvas;
+            const colour = MC.COLOURS[index % MC.COLOURS.length];
+            if (cached && cached.version === layer.version && cached.colour === colour &&
+                cached.canvas.width === layer.width && cached.canvas.height === layer.height) return cached.canvas;
             const canvas = cached ? cached.canvas : document.createElement("canvas");
             canvas.width = layer.width;
             canvas.height = layer.height;
@@ -364,7 +378,7 @@
             ctx.fillRect(0, 0, canvas.width, canvas.height);
             ctx.globalCompositeOperation = "destination-in";
             ctx.drawImage(layer.canvas, 0, 0);
-            this.tinted.set(index, {version: layer.version, canvas});
+            this.tinted.set(layer, {version: layer.version, colour, canvas});
             return canvas;
         }
 

@@ -76,7 +76,11 @@ def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: l
         taken |= masks[i] > 0
     for i in range(n):   # nothing found: the strongest cells nobody else holds
         if masks[i].sum() == 0:
-            masks[i] = _strongest_cells(norm[i].masked_fill(taken, -1.0))
+            masks[i] = _strongest_cells(norm[i].masked_fill(taken, -1.0)) * (~taken).float()
+            if masks[i].sum() == 0:   # everything is held: take its strongest cell from its holder
+                cell = int(norm[i].flatten().argmax())
+                masks.view(n, -1)[:, cell] = 0
+                masks[i].view(-1)[cell] = 1
             taken |= masks[i] > 0
     return masks
 

@@ -17,9 +17,11 @@ def kmeans(features: torch.Tensor, k: int, iterations: int = 15, seed: int = 0) 
     centres = [features[int(torch.randint(n, (1,), generator=gen))]]
     for _ in range(1, k):
         dist = torch.cdist(features, torch.stack(centres)).amin(1) ** 2
-        probs = (dist / dist.sum().clamp_min(1e-12)).cpu()
-        centres.append(features[int(torch.multinomial(probs, 1, generator=gen))])
+        if float(dist.sum()) <= 0:   # fewer distinct rows than k: fewer segments
+            break
+        centres.append(features[int(torch.multinomial((dist / dist.sum()).cpu(), 1, generator=gen))])
     centres = torch.stack(centres)
+    k = len(centres)
     for _ in range(iterations):
         labels = torch.cdist(features, centres).argmin(1)
         for j in range(k):

@@ -141,7 +141,9 @@ def _same_region(a: dict, b: dict) -> bool:
     if a.get("type") != b.get("type"):
         return False
     if a["type"] == "rect":
-        return all(abs(float(a.get(k, 0)) - float(b.get(k, 0))) < 1e-3 for k in "xywh")
+        unset = {"x": 0.0, "y": 0.0, "w": 1.0, "h": 1.0}
+        value = lambda r, k: float(r[k]) if r.get(k) is not None else unset[k]   # noqa: E731
+        return all(abs(value(a, k) - value(b, k)) < 1e-3 for k in "xywh")
     return a.get("png") == b.get("png")
 
 

@@ -206,3 +206,26 @@ def test_the_canvas_follows_width_and_height_and_survives_a_rerender(page, panel
     before = page.evaluate("window.MultiConcept.editor.renderCount")
     time.sleep(1.0)
     assert page.evaluate("window.MultiConcept.editor.renderCount") == before
+
+
+def test_undo_after_a_size_change_and_a_new_concept_keeps_drawing_in_place(page, panel_app):
+    box = canvas_box(page)
+    page.click('#multi_concept [data-concept="0"]')
+    drag(page, box, (0.1, 0.1), (0.3, 0.3))
+    wait_for_job(page, "Math.abs(job.concepts[0].region.w - 0.2) < 0.02")
+    page.fill("#txt2img_width input[type=number]", "1024")
+    page.locator("#txt2img_width input[type=number]").press("Enter")
+    page.wait_for_function("document.querySelector('#multi_concept canvas.mc-canvas').dataset.imageSize === '1024x512'")
+    page.fill("#multi_concept_count input[type=number]", "3")
+    page.locator("#multi_concept_count input[type=number]").press("Enter")
+    page.wait_for_function("window.MultiConcept.editor.concepts.length === 3")
+    page.locator("#multi_concept canvas.mc-canvas").focus()
+    page.keyboard.press("Control+z")   # back to before the rectangle: concept 1's preset left half
+    wait_for_job(page, "job.concepts.length === 3 && job.concepts[0].region.w === 0.5")
+    assert page.locator("#multi_concept .mc-legend-item").count() == 3   # the new concept stays
+    box = canvas_box(page)
+    page.click('#multi_concept [data-concept="0"]')
+    drag(page, box, (0.5, 0.2), (0.7, 0.6))
+    wait_for_job(page, "Math.abs(job.concepts[0].region.x - 0.5) < 0.02")
+    region = parse_job(generate(page, panel_app)).concepts[0].region
+    assert [round(v, 1) for v in (region.x, region.y, region.w, region.h)] == [0.5, 0.2, 0.2, 0.4]

@@ -179,3 +179,13 @@ def test_hints_pick_the_part_of_a_shared_word():
     assert hinted[0, 0][3, 8] == 1 and hinted[0, 1][3, 0] == 1
     largest = masks_from_maps(maps, [0, 0], hints=["", "largest"])
     assert largest[0, 1][3, 8] == 1 and largest[0, 0][3, 0] == 1
+
+
+def test_the_never_empty_fallback_keeps_masks_disjoint():
+    maps = torch.zeros(1, 2, 8, 8)
+    maps[0, 0] = 1.0
+    maps[0, 0, 0, 0] = 0.0            # concept 0 strong everywhere (a flat map but one cell)
+    maps[0, 1, 7, 7] = 0.2            # concept 1: next to nothing
+    found = masks_from_maps(maps, [0, 1])
+    assert (found[0].sum(0) <= 1).all()
+    assert found[0, 0].sum() > 0 and found[0, 1].sum() > 0

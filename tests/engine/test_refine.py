@@ -92,3 +92,8 @@ def test_kmeans_is_deterministic_and_separates_clear_groups():
     labels = kmeans(points, 2)
     assert torch.equal(labels, kmeans(points, 2))
     assert len(set(labels[:20].tolist())) == 1 and len(set(labels[20:].tolist())) == 1 and labels[0] != labels[20]
+
+
+def test_kmeans_with_fewer_distinct_rows_than_segments_does_not_fail():
+    labels = kmeans(torch.ones(16, 16) / 16, 4)   # uniform attention: one segment
+    assert labels.shape == (16,) and len(set(labels.tolist())) == 1

@@ -146,3 +146,11 @@ def compose_mask_png():
     buffer = io.BytesIO()
     mask.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_an_emptied_number_box_does_not_break_drawing():
+    values = default_values()
+    set_row(values, 0, region="rectangle", x=None, y=0.1, w=0.4, h=0.5)
+    values[TOP_FIELDS.index("canvas")] = canvas([{"type": "rect", "x": 0.2, "y": 0.2, "w": 0.3, "h": 0.3}, None])
+    applied = apply_canvas(*values)
+    assert applied[len(TOP_FIELDS) + CONCEPT_FIELDS.index("x")] == 0.2

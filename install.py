@@ -6,7 +6,8 @@ use Segment Anything when a checkpoint is in models/sam."""
 import launch
 
 # import name -> pip requirement
-REQUIREMENTS: dict[str, str] = {"segment_anything": "segment-anything==1.0"}
+REQUIREMENTS: dict[str, str] = {"segment_anything": "segment-anything==1.0",
+                                "onnxruntime": "onnxruntime"}   # the face detector of automatic regions
 
 for module, requirement in REQUIREMENTS.items():
     if not launch.is_installed(module):

@@ -193,15 +193,16 @@ class MultiConceptSession:
             blended = blended + outputs[("concept", index)] * weights[index + 1]
         return blended
 
-    def find_regions(self) -> torch.Tensor:
-        """The automatic concepts' masks from stage 1's attention, per image, into the plan."""
+    def find_regions(self, faces=None) -> torch.Tensor:
+        """The automatic concepts' masks from stage 1's attention, per image, into the plan.
+        faces[b]: face boxes of image b in latent cells, to split people who share a word."""
         regions = self.plan.regions
         if not self.recorder.sums:
             raise EngineError("automatic regions: the layout pass recorded no cross-attention "
                               "(is the recording window empty? auto_from too close to 1)")
         maps = self.recorder.maps(regions.latent_hw, regions.grids)
         auto = [self.plan.concepts[i] for i in self.plan.auto_concepts]
-        found = masks_from_maps(maps, [c.auto_group for c in auto], hints=[c.auto_hint for c in auto])
+        found = masks_from_maps(maps, [c.auto_group for c in auto], hints=[c.auto_hint for c in auto], faces=faces)
         self.plan.resolve_auto(found)
         return found
 

@@ -2,7 +2,8 @@
 
 Concepts that watched different words compete: a cell goes to the concept whose normalised map
 is strongest there, if that clears the threshold. Concepts that share one occurrence of a word
-("two men" with one "men") split its area by k-means on cell positions: a concept hinted
+("two men" with one "men") split its area: by the faces found in the layout image when there
+are enough (each cell goes to the nearest face), else by k-means on cell positions; a concept hinted
 "left", "right" or "largest" takes that part, the others go left to right in list order. Holes are filled, specks dropped, and a mask is never empty (its strongest cells remain).
 """
 
@@ -24,14 +25,15 @@ HINTS = ("left", "right", "largest")
 
 
 def masks_from_maps(maps: torch.Tensor, groups: Sequence[int], threshold: float = THRESHOLD,
-                    hints: Sequence[str] | None = None) -> torch.Tensor:
+                    hints: Sequence[str] | None = None, faces: Sequence | None = None) -> torch.Tensor:
     """maps: (B, n, h, w) attention per concept; groups[i]: concepts with the same group id
     watched the same tokens; hints[i]: "", "left", "right" or "largest". Returns (B, n, h, w)
-    float masks in {0, 1}, disjoint per image."""
+    float masks in {0, 1}, disjoint per image. faces[b]: (k, 4) face boxes of image b in map cells."""
     out = torch.zeros_like(maps, dtype=torch.float32)
     hints = list(hints) if hints is not None else [""] * maps.shape[1]
     for b in range(maps.shape[0]):
-        out[b] = _one_image(maps[b].float(), list(groups), threshold, hints)
+        image_faces = faces[b] if faces is not None and b < len(faces) else None
+        out[b] = _one_image(maps[b].float(), list(groups), threshold, hints, image_faces)
     return out
 
 
@@ -52,7 +54,7 @@ def _assign(parts: list[torch.Tensor], members: list[int], hints: list[str]) -> 
     return chosen
 
 
-def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: list[str]) -> torch.Tensor:
+def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: list[str], faces=None) -> torch.Tensor:
     n, h, w = maps.shape
     low, high = maps.flatten(1).amin(-1)[:, None, None], maps.flatten(1).amax(-1)[:, None, None]
     norm = (maps - low) / (high - low).clamp_min(1e-8)   # a flat map (no subject) becomes all 0
@@ -65,7 +67,10 @@ def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: l
         if len(members) == 1:
             masks[members[0]] = area.float()
         else:
-            for member, part in _assign(_split(area, norm[members[0]], len(members)), members, hints).items():
+            parts = _split_by_faces(area, faces, len(members))
+            if parts is None:
+                parts = _split(area, norm[members[0]], len(members))
+            for member, part in _assign(parts, members, hints).items():
                 masks[member] = part
     for i in range(n):
         masks[i] = _tidy(masks[i])
@@ -108,6 +113,23 @@ def _split(area: torch.Tensor, weight: torch.Tensor, k: int, iterations: int = 2
         part[ys[label == j], xs[label == j]] = 1
         parts.append(part)
     return parts
+
+
+def _split_by_faces(area: torch.Tensor, faces, k: int) -> list[torch.Tensor] | None:
+    """The k largest faces seed the parts; each area cell joins the nearest face. None when
+    there are fewer faces than people to place."""
+    if faces is None or len(faces) < k:
+        return None
+    faces = torch.as_tensor(np.asarray(faces, dtype=np.float32)[:, :4])
+    sizes = (faces[:, 2] - faces[:, 0]) * (faces[:, 3] - faces[:, 1])
+    chosen = faces[sizes.argsort(descending=True)[:k]]
+    centres = torch.stack([(chosen[:, 0] + chosen[:, 2]) / 2, (chosen[:, 1] + chosen[:, 3]) / 2], 1)
+    centres = centres[centres[:, 0].argsort()]   # left to right
+    h, w = area.shape
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    cells = torch.stack([xs.flatten(), ys.flatten()], 1)
+    nearest = torch.cdist(cells, centres).argmin(1).view(h, w)
+    return [(area & (nearest == j)).float() for j in range(k)]
 
 
 def _strip(h: int, w: int, j: int, k: int) -> torch.Tensor:

@@ -257,10 +257,15 @@ def _two_stage(p, sampler, original, state: JobState, x, c, uc, steps, image_con
         again = p.rng.next()
         if not torch.equal(again.to(initial.device), initial):
             raise EngineError("recreating the WebUI's noise generator did not reproduce the initial noise")
-        if session.recorder is not None:   # automatic regions: attention, then SAM when there is one
-            found = session.find_regions()
+        if session.recorder is not None:   # automatic regions: attention (+ faces), then SAM when there is one
+            plan = state.prepared.plan
             notes: list[str] = []
-            refined = a1111_sam.refine(p, first, found, notes)
+            images = a1111_sam.layout_images(p, first)
+            groups = [plan.concepts[i].auto_group for i in plan.auto_concepts]
+            shared_word = len(set(groups)) < len(groups)
+            faces = a1111_sam.detect_faces(images, plan.regions.latent_hw, notes) if shared_word else None
+            found = session.find_regions(faces=faces)
+            refined = a1111_sam.refine(images, found, notes)
             if refined is not None:
                 state.prepared.plan.resolve_auto(refined)
             if notes:

@@ -1,5 +1,6 @@
-"""A1111 side of SAM refinement: the setting that picks a checkpoint in models/sam, the layout
-images it runs on, and the once-per-session notice when no checkpoint is there."""
+"""A1111 side of the models behind automatic regions: the settings, the decoded layout images,
+face detection (models/insightface) and SAM refinement (models/sam), each with a
+once-per-session console notice when its model file is missing."""
 
 from __future__ import annotations
 
@@ -10,12 +11,50 @@ import torch
 
 from modules import devices, paths, shared
 
+from ..auto import faces as face_detection
 from ..auto import sam
 from .layout_images import to_images
 
 SETTING = "multi_concept_sam_model"
+FACES_SETTING = "multi_concept_faces"
 MODELS = sam.SamModels()
+_detectors: dict[str, face_detection.FaceDetector] = {}
 _told: set[str] = set()
+
+
+def _note(message: str, warnings: list[str]) -> None:
+    warnings.append(message)
+    if message not in _told:   # once in the console; every image's infotext says it
+        _told.add(message)
+        print(f"[Multi-Concept] {message}")
+
+
+def layout_images(p, layout_latents: torch.Tensor) -> list[np.ndarray]:
+    with torch.no_grad():
+        decoded = p.sd_model.decode_first_stage(layout_latents.to(devices.device, devices.dtype_vae))
+    return [np.asarray(image) for image in to_images(decoded)]
+
+
+def faces_folder() -> str:
+    return os.path.join(paths.models_path, "insightface")
+
+
+def detect_faces(images: list[np.ndarray], grid_hw: tuple[int, int], warnings: list[str]) -> list | None:
+    """Face boxes per image in cells of the attention grid, or None (split by position)."""
+    if not getattr(shared.opts, FACES_SETTING, True):
+        return None
+    path = face_detection.find_detector(faces_folder())
+    if path is None:
+        _note(f"automatic regions: no face detector in {faces_folder()} (put the buffalo_l pack's "
+              f"{face_detection.DETECTOR_FILES[0]} there): people sharing a class word were split by position",
+              warnings)
+        return None
+    try:
+        detector = _detectors.get(path) or _detectors.setdefault(path, face_detection.FaceDetector(path))
+        return [face_detection.to_cells(detector.detect(image), image.shape[:2], grid_hw) for image in images]
+    except sam.ModelFileError as exc:
+        _note(f"{exc}: people sharing a class word were split by position", warnings)
+        return None
 
 
 def sam_folder() -> str:
@@ -37,34 +76,31 @@ def register_settings() -> None:
             "auto", "SAM checkpoint for automatic regions (models/sam; auto = the smallest found, "
                     "none = attention masks only)", gr.Dropdown, lambda: {"choices": choices()},
             section=("multi_concept", "Multi-Concept")))
+        shared.opts.add_option(FACES_SETTING, shared.OptionInfo(
+            True, "Use faces (models/insightface, det_10g.onnx) to tell apart people who share a class word",
+            section=("multi_concept", "Multi-Concept")))
         shared.opts.add_option("multi_concept_free_sam", shared.OptionInfo(
             False, "Free the SAM model after each job (else kept; on the CPU with --lowvram/--medvram)",
             section=("multi_concept", "Multi-Concept")))
     script_callbacks.on_ui_settings(add)
 
 
-def refine(p, layout_latents: torch.Tensor, found: torch.Tensor, warnings: list[str]) -> torch.Tensor | None:
+def refine(images: list[np.ndarray], found: torch.Tensor, warnings: list[str]) -> torch.Tensor | None:
     """(B, n, h, w) attention masks -> (B, n, H, W) SAM masks, or None (attention it is)."""
     choice = getattr(shared.opts, SETTING, "auto") if hasattr(shared, "opts") else "auto"
     if choice == "none":
         return None
     path = sam.find_checkpoint(sam_folder(), choice)
     if path is None:
-        message = sam.missing_message(sam_folder()) if choice == "auto" else \
-            f"automatic regions: the SAM checkpoint {choice} is not in {sam_folder()}: used the attention masks"
-        warnings.append(message)
-        if message not in _told:   # once in the console; every image's infotext says it
-            _told.add(message)
-            print(f"[Multi-Concept] {message}")
+        _note(sam.missing_message(sam_folder()) if choice == "auto" else
+              f"automatic regions: the SAM checkpoint {choice} is not in {sam_folder()}: used the attention masks",
+              warnings)
         return None
     try:
         predictor = MODELS.predictor(path, devices.device)
-        model = p.sd_model
-        with torch.no_grad():
-            decoded = model.decode_first_stage(layout_latents.to(devices.device, devices.dtype_vae))
         masks = []
-        for b, image in enumerate(to_images(decoded)):
-            refined, notes = sam.refine(predictor, np.asarray(image), found[b])
+        for b, image in enumerate(images):
+            refined, notes = sam.refine(predictor, image, found[b])
             masks.append(refined)
             warnings.extend(notes)
         return torch.stack(masks)

@@ -204,6 +204,7 @@ class MultiConceptSession:
         auto = [self.plan.concepts[i] for i in self.plan.auto_concepts]
         found = masks_from_maps(maps, [c.auto_group for c in auto], hints=[c.auto_hint for c in auto], faces=faces)
         self.plan.resolve_auto(found)
+        self.plan.attention_masks = found   # kept for the save_layout outputs: each step visible
         return found
 
     def _refine_now(self, step: int, total_steps: int) -> bool:

@@ -56,6 +56,7 @@ class Plan:
     regions: RegionWeights = field(repr=False)   # automatic concepts: full image until found
     image_regions: list[RegionWeights] | None = field(default=None, repr=False)   # per image, once found
     found_masks: torch.Tensor | None = field(default=None, repr=False)   # (B, n_auto, h, w) latent cells
+    attention_masks: torch.Tensor | None = field(default=None, repr=False)   # the first, attention-only masks
 
     @property
     def auto_concepts(self) -> list[int]:

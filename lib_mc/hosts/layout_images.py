@@ -35,7 +35,8 @@ def overlay(image: Image.Image, weights: torch.Tensor, names: list[str]) -> Imag
 
 def layout_outputs(sd_model, layouts: list[tuple[torch.Tensor, object]], names: list[str]) -> list[Image.Image]:
     """Per batch (stage-1 latents, its plan): each layout image, then its regions over it (the
-    ones found for that very image when regions were automatic)."""
+    ones found for that very image when regions were automatic) and, for automatic regions
+    that SAM or refinement changed, the attention masks they started from."""
     images = []
     for batch, plan in layouts:
         with torch.no_grad():
@@ -47,4 +48,9 @@ def layout_outputs(sd_model, layouts: list[tuple[torch.Tensor, object]], names: 
                 per_image = plan.image_regions
                 regions = per_image[min(i, len(per_image) - 1)] if per_image else plan.regions
                 images.append(overlay(image, regions.latent, names))
+                first = plan.attention_masks
+                if first is not None and not torch.equal(first, plan.found_masks):
+                    masks = first[min(i, len(first) - 1)].float()
+                    weights = torch.cat([(1 - masks.sum(0, keepdim=True)).clamp(0, 1), masks])
+                    images.append(overlay(image, weights, [f"{names[c]} (attention)" for c in plan.auto_concepts]))
     return images

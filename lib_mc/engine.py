@@ -134,7 +134,7 @@ class MultiConceptSession:
                 n_cond: int, step: int, total_steps: int) -> torch.Tensor:
         if self.phase == "record":
             if self.recorder is not None:
-                self.recorder.active = step >= _fraction_step(self.plan.options.auto_from, total_steps)
+                self.recorder.active = step >= self.plan.auto_from_step(total_steps)
                 self.recorder.n_cond = n_cond
             out = self._model(model_fn, x, sigma, cond)
             self.records.append(Recorded(x[:n_cond].clone(), sigma.clone(), out.clone()))
@@ -213,7 +213,7 @@ class MultiConceptSession:
         o = self.plan.options
         start = self.plan.start_step(total_steps)
         if (not o.refine_every or self.plan.image_regions is None or step in self._refined_steps or
-                step >= _fraction_step(o.refine_until, total_steps) or (step - start) % o.refine_every):
+                step >= self.plan.refine_until_step(total_steps) or (step - start) % o.refine_every):
             return False
         self._refined_steps.add(step)
         return True
@@ -302,7 +302,3 @@ def _override(rows: Conditioning, own: Conditioning | None, n: int) -> Condition
         if merged[key].shape[0] != n:
             raise EngineError(f"concept conditioning '{key}' has {tensor.shape[0]} rows for a batch of {n}")
     return merged
-
-
-def _fraction_step(fraction: float, total_steps: int) -> int:
-    return min(total_steps, max(0, int(round(fraction * total_steps))))

@@ -95,6 +95,12 @@ class Plan:
     def start_step(self, total_steps: int) -> int:
         return _fraction_to_step(self.options.start_at, total_steps)
 
+    def auto_from_step(self, total_steps: int) -> int:
+        return _fraction_to_step(self.options.auto_from, total_steps)
+
+    def refine_until_step(self, total_steps: int) -> int:
+        return _fraction_to_step(self.options.refine_until, total_steps)
+
     def self_replay_until_step(self, total_steps: int) -> int:
         if not self.options.layout_replay:
             return 0

@@ -17,6 +17,7 @@ from .job import Job, JobError
 from .lora.bind import LoraUse
 from .lora.network import Network, load_network
 from .plan import Conditioning, Plan, build_plan
+from .auto.masks import HINTS
 from .auto.tokens import assign_occurrences
 from .regions import region_mask
 
@@ -157,4 +158,4 @@ def _auto_tokens(job: Job, base_prompt: str, services: HostServices) -> dict[int
 def _hint(name: str) -> str:
     """"left man", "the largest dog": which part of a shared class word's area the concept takes."""
     words = re.findall(r"[a-z]+", (name or "").lower())
-    return next((w for w in words if w in ("left", "right", "largest")), "")
+    return next((w for w in words if w in HINTS), "")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .masks import stretch
+
 
 class AttentionRecorder:
     def __init__(self, tokens: list[list[int]]):
@@ -54,19 +56,12 @@ class AttentionRecorder:
             if hw is None:
                 continue
             grid = (summed / self.counts[n]).view(summed.shape[0], summed.shape[1], *hw)
-            grid = _stretch(grid)   # each grid counts alike, whatever its attention's spread
+            grid = stretch(grid)   # each grid counts alike, whatever its attention's spread
             up = F.interpolate(grid, size=latent_hw, mode="bilinear", align_corners=False)
             total = up if total is None else total + up
         if total is None:
             raise RuntimeError("no cross-attention was recorded in the layout pass")
-        total = _stretch(total)
+        total = stretch(total)
         index = {t: i for i, t in enumerate(self.flat)}
         return torch.stack([total[:, [index[t] for t in group]].mean(1) if group else torch.zeros_like(total[:, 0])
                             for group in self.tokens], 1)
-
-
-def _stretch(maps: torch.Tensor) -> torch.Tensor:
-    """Each (h, w) map to [0, 1]: attention has a floor everywhere; the subject is the excess."""
-    low = maps.flatten(2).amin(-1)[..., None, None]
-    high = maps.flatten(2).amax(-1)[..., None, None]
-    return (maps - low) / (high - low).clamp_min(1e-8)

@@ -24,6 +24,14 @@ FALLBACK_TOP = 0.1     # an empty mask keeps this fraction of its strongest cell
 HINTS = ("left", "right", "largest")
 
 
+def stretch(maps: torch.Tensor) -> torch.Tensor:
+    """Each (h, w) map (the last two dims) to [0, 1]: attention has a floor everywhere; the
+    subject is the excess."""
+    low = maps.flatten(-2).amin(-1)[..., None, None]
+    high = maps.flatten(-2).amax(-1)[..., None, None]
+    return (maps - low) / (high - low).clamp_min(1e-8)
+
+
 def masks_from_maps(maps: torch.Tensor, groups: Sequence[int], threshold: float = THRESHOLD,
                     hints: Sequence[str] | None = None, faces: Sequence | None = None) -> torch.Tensor:
     """maps: (B, n, h, w) attention per concept; groups[i]: concepts with the same group id
@@ -56,8 +64,7 @@ def _assign(parts: list[torch.Tensor], members: list[int], hints: list[str]) -> 
 
 def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: list[str], faces=None) -> torch.Tensor:
     n, h, w = maps.shape
-    low, high = maps.flatten(1).amin(-1)[:, None, None], maps.flatten(1).amax(-1)[:, None, None]
-    norm = (maps - low) / (high - low).clamp_min(1e-8)   # a flat map (no subject) becomes all 0
+    norm = stretch(maps)   # a flat map (no subject) becomes all 0
     owner = norm.argmax(0)
     strongest = norm.amax(0)
     masks = torch.zeros(n, h, w)

@@ -267,7 +267,7 @@ def _two_stage(p, sampler, original, state: JobState, x, c, uc, steps, image_con
             found = session.find_regions(faces=faces)
             refined = a1111_sam.refine(images, found, notes)
             if refined is not None:
-                state.prepared.plan.resolve_auto(refined)
+                plan.resolve_auto(refined)
             if notes:
                 state.prepared.warnings.extend(n for n in notes if n not in state.prepared.warnings)
                 p.extra_generation_params["Multi-Concept warnings"] = "; ".join(state.prepared.warnings)

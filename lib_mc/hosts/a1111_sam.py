@@ -5,6 +5,7 @@ once-per-session console notice when its model file is missing."""
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,17 +30,25 @@ def _note(message: str, warnings: list[str]) -> None:
         print(f"[Multi-Concept] {message}")
 
 
-def layout_images(p, layout_latents: torch.Tensor) -> list[np.ndarray]:
-    with torch.no_grad():
-        decoded = p.sd_model.decode_first_stage(layout_latents.to(devices.device, devices.dtype_vae))
-    return [np.asarray(image) for image in to_images(decoded)]
+def layout_images(p, layout_latents: torch.Tensor) -> Callable[[], list[np.ndarray]]:
+    """The decoded layout images, decoded on first use only: with neither a face detector nor
+    SAM at work, the VAE is not run."""
+    decoded: list[np.ndarray] = []
+
+    def images() -> list[np.ndarray]:
+        if not decoded:
+            with torch.no_grad():
+                out = p.sd_model.decode_first_stage(layout_latents.to(devices.device, devices.dtype_vae))
+            decoded.extend(np.asarray(image) for image in to_images(out))
+        return decoded
+    return images
 
 
 def faces_folder() -> str:
     return os.path.join(paths.models_path, "insightface")
 
 
-def detect_faces(images: list[np.ndarray], grid_hw: tuple[int, int], warnings: list[str]) -> list | None:
+def detect_faces(images: Callable[[], list[np.ndarray]], grid_hw: tuple[int, int], warnings: list[str]) -> list | None:
     """Face boxes per image in cells of the attention grid, or None (split by position)."""
     if not getattr(shared.opts, FACES_SETTING, True):
         return None
@@ -51,7 +60,7 @@ def detect_faces(images: list[np.ndarray], grid_hw: tuple[int, int], warnings: l
         return None
     try:
         detector = _detectors.get(path) or _detectors.setdefault(path, face_detection.FaceDetector(path))
-        return [face_detection.to_cells(detector.detect(image), image.shape[:2], grid_hw) for image in images]
+        return [face_detection.to_cells(detector.detect(image), image.shape[:2], grid_hw) for image in images()]
     except sam.ModelFileError as exc:
         _note(f"{exc}: people sharing a class word were split by position", warnings)
         return None
@@ -85,7 +94,7 @@ def register_settings() -> None:
     script_callbacks.on_ui_settings(add)
 
 
-def refine(images: list[np.ndarray], found: torch.Tensor, warnings: list[str]) -> torch.Tensor | None:
+def refine(images: Callable[[], list[np.ndarray]], found: torch.Tensor, warnings: list[str]) -> torch.Tensor | None:
     """(B, n, h, w) attention masks -> (B, n, H, W) SAM masks, or None (attention it is)."""
     choice = getattr(shared.opts, SETTING, "auto") if hasattr(shared, "opts") else "auto"
     if choice == "none":
@@ -99,14 +108,13 @@ def refine(images: list[np.ndarray], found: torch.Tensor, warnings: list[str]) -
     try:
         predictor = MODELS.predictor(path, devices.device)
         masks = []
-        for b, image in enumerate(images):
+        for b, image in enumerate(images()):
             refined, notes = sam.refine(predictor, image, found[b])
             masks.append(refined)
             warnings.extend(notes)
         return torch.stack(masks)
     except sam.ModelFileError as exc:
-        warnings.append(f"{exc}: used the attention masks")
-        print(f"[Multi-Concept] {exc}")
+        _note(f"{exc}: used the attention masks", warnings)
         return None
     finally:
         if getattr(shared.opts, "multi_concept_free_sam", False):

@@ -25,7 +25,7 @@ from .auto.attention_maps import AttentionRecorder
 from .auto.masks import masks_from_maps
 from .auto.refine import refine_masks
 from .errors import EngineError
-from .hooks.attention import is_attention, make_attention_forward
+from .hooks.attention import HostAttention, attend, is_attention, make_attention_forward
 from .hooks.lora_rows import make_lora_forward
 from .hooks.state import CallState, RunState
 from .lora.bind import bind_loras
@@ -60,7 +60,11 @@ class _Part:
 
 
 class MultiConceptSession:
-    def __init__(self, unet: nn.Module, plan: Plan, *, context_key: str = "c_crossattn", warn=print):
+    def __init__(self, unet: nn.Module, plan: Plan, *, context_key: str = "c_crossattn", warn=print,
+                 attention_on_modules: bool = True):
+        """attention_on_modules: install the attention hooks on the UNet's attention modules
+        (A1111). False: the host routes its attention through `attention()` itself (Forge's
+        attention replace patches)."""
         self.unet, self.plan, self.context_key = unet, plan, context_key
         self.run = RunState()
         self.patches = PatchSet()
@@ -68,7 +72,7 @@ class MultiConceptSession:
         self.stats = Stats()
         self.phase: str | None = None
         self._call_index = 0
-        self._prepare_patches(warn)   # raises LoraMismatchError before anything is touched
+        self._prepare_patches(warn, attention_on_modules)   # raises LoraMismatchError before anything is touched
         # automatic regions: stage 1 also records the class words' cross-attention
         auto = [plan.concepts[i] for i in plan.auto_concepts]
         self.recorder = AttentionRecorder([c.auto_tokens for c in auto]) if auto else None
@@ -76,13 +80,13 @@ class MultiConceptSession:
         self._refined_steps: set[int] = set()
         self.run.decoder_self_attention = {m for name, m in unet.named_modules()
                                            if name.endswith("attn1") and ("output_blocks" in name or "up_blocks" in name)}
-        if self.recorder is not None:
+        if self.recorder is not None and attention_on_modules:
             for module in unet.modules():
                 if is_attention(module):
                     self.record_patches.add(module, "forward",
                                             lambda original, module=module: self.recorder.make_forward(module, original))
 
-    def _prepare_patches(self, warn) -> None:
+    def _prepare_patches(self, warn, attention_on_modules: bool) -> None:
         ops: dict[nn.Module, dict[int, list]] = {}
         for index, concept in enumerate(self.plan.concepts):
             for module, module_ops in bind_loras(self.unet, concept.loras, warn).items():
@@ -90,10 +94,28 @@ class MultiConceptSession:
         for module, by_concept in ops.items():
             self.patches.add(module, "forward",
                              lambda original, by_concept=by_concept: make_lora_forward(original, by_concept, self.run))
+        if not attention_on_modules:
+            return
         for module in self.unet.modules():
             if is_attention(module):
                 self.patches.add(module, "forward",
                                  lambda original, module=module: make_attention_forward(module, original, self.run))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, cross: bool,
+                  decoder: bool, host: HostAttention) -> torch.Tensor:
+        """For hosts that hand over projected q, k, v: the attention of this call in this phase.
+        `host(q, k, v)` is the host's own attention; `decoder`: a self-attention of the UNet's
+        output blocks (where refinement reads the layout)."""
+        if self.phase == "record":
+            out = host(q, k, v)
+            recorder = self.recorder
+            if cross and recorder is not None and recorder.wants(k.shape[1]):
+                recorder.record(q[:recorder.n_cond], k[:recorder.n_cond], heads)
+            return out
+        call = self.run.call
+        if self.phase != "blend" or call is None:
+            return host(q, k, v)
+        return attend(q, k, v, heads, call, cross=cross, decoder=decoder, host=host)
 
     # ---- stages -------------------------------------------------------------------------
 

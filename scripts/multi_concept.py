@@ -1,22 +1,23 @@
 """Multi-Concept: the WebUI's AlwaysOn script. Thin glue: everything lives in lib_mc."""
 
-import gradio as gr
-
 import modules.scripts as scripts
 
 from lib_mc.hosts import detect
 from lib_mc.infotext import KEY as INFOTEXT_KEY
 
 HOST = detect()
-if HOST == "a1111":
+if HOST == "forge":
+    from lib_mc.hosts import forge as adapter
+elif HOST == "a1111":
     from lib_mc.hosts import a1111 as adapter
-    from lib_mc.hosts.a1111_sam import register_settings
-    from lib_mc.hosts.a1111_xyz import register_xyz_axes
-    register_xyz_axes()
-    register_settings()
 else:
     adapter = None
-    print(f"[Multi-Concept] host {HOST!r} is not supported yet; the panel is hidden")
+    print(f"[Multi-Concept] host {HOST!r} is not supported; the panel is hidden")
+if adapter is not None:
+    from lib_mc.hosts.webui_models import register_settings
+    from lib_mc.hosts.webui_xyz import register_xyz_axes
+    register_xyz_axes()
+    register_settings()
 
 
 class MultiConceptScript(scripts.Script):

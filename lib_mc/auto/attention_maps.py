@@ -1,9 +1,10 @@
 """Stage-1 cross-attention of chosen tokens, summed over layers and steps (no extra model).
 
-During the layout pass a recorder sits on every attention module: after the host's own forward
-it recomputes softmax(q k^T) for the conditional rows of cross-attention calls and adds the
-probabilities of the watched tokens, averaged over heads, to a map per grid size. Only steps in
-the recording window count (later steps place subjects more precisely).
+During the layout pass a recorder sits on every attention module (on Forge: in the attention
+replace patch): after the host's own attention it recomputes softmax(q k^T) for the conditional
+rows of cross-attention calls and adds the probabilities of the watched tokens, averaged over
+heads, to a map per grid size. Only steps in the recording window count (later steps place
+subjects more precisely).
 """
 
 from __future__ import annotations
@@ -23,21 +24,25 @@ class AttentionRecorder:
         self.sums: dict[int, torch.Tensor] = {}   # n_query_tokens -> (B, n_flat, n) summed probabilities
         self.counts: dict[int, int] = {}
 
+    def wants(self, context_tokens: int) -> bool:
+        return self.active and bool(self.flat) and context_tokens > self.flat[-1]
+
     def make_forward(self, module, original):
+        """A forward for an ldm attention module instance (A1111)."""
         def forward(x, context=None, mask=None, **kwargs):
             out = original(x, context=context, mask=mask, **kwargs)
-            if self.active and context is not None and self.flat and context.shape[1] > self.flat[-1]:
-                self._record(module, x[:self.n_cond], context[:self.n_cond])
+            if context is not None and self.wants(context.shape[1]):
+                with torch.no_grad():
+                    self.record(module.to_q(x[:self.n_cond]), module.to_k(context[:self.n_cond]), module.heads)
             return out
         return forward
 
     @torch.no_grad()
-    def _record(self, module, x, context):
-        heads = module.heads
-        q, k = module.to_q(x), module.to_k(context)
+    def record(self, q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
+        """Projected q (b, n, inner) and k (b, T, inner) of the conditional rows of a cross-attention."""
         b, n, inner = q.shape
-        q = q.view(b, n, heads, inner // heads).transpose(1, 2).float()
-        k = k.view(b, -1, heads, inner // heads).transpose(1, 2).float()
+        q = q.reshape(b, n, heads, inner // heads).transpose(1, 2).float()
+        k = k.reshape(b, -1, heads, inner // heads).transpose(1, 2).float()
         probs = (q @ k.transpose(-1, -2) * (inner // heads) ** -0.5).softmax(-1)   # (b, h, n, T)
         picked = probs[..., self.flat].mean(1).transpose(1, 2)                     # (b, n_flat, n)
         if n in self.sums and self.sums[n].shape[0] == b:

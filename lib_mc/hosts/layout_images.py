@@ -33,15 +33,24 @@ def overlay(image: Image.Image, weights: torch.Tensor, names: list[str]) -> Imag
     return out
 
 
+def decode(sd_model, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1]. A1111's VAE wants its own device and dtype; Forge's
+    `first_stage_model` is None and its `decode_first_stage` loads and casts by itself."""
+    vae = getattr(sd_model, "first_stage_model", None)
+    if vae is not None:
+        weight = next(vae.parameters())
+        latents = latents.to(weight.device, weight.dtype)
+    with torch.no_grad():
+        return sd_model.decode_first_stage(latents)
+
+
 def layout_outputs(sd_model, layouts: list[tuple[torch.Tensor, object]], names: list[str]) -> list[Image.Image]:
     """Per batch (stage-1 latents, its plan): each layout image, then its regions over it (the
     ones found for that very image when regions were automatic) and, for automatic regions
     that SAM or refinement changed, the attention masks they started from."""
     images = []
     for batch, plan in layouts:
-        with torch.no_grad():
-            decoded = sd_model.decode_first_stage(batch.to(next(sd_model.first_stage_model.parameters()).device,
-                                                           next(sd_model.first_stage_model.parameters()).dtype))
+        decoded = decode(sd_model, batch)
         for i, image in enumerate(to_images(decoded)):
             images.append(image)
             if plan is not None:

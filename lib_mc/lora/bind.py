@@ -6,6 +6,7 @@ low-rank pair, so a concept costs two thin matmuls per layer whatever its LoRA c
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LoraMismatchError
-from .names import layer_modules, resolve
+from .names import is_linear, layer_modules, resolve
 from .network import Dense, LowRank, Network
 
 
@@ -30,6 +31,9 @@ class LinearLowRank:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.down), self.up)
+
+    def to(self, device, dtype) -> "LinearLowRank":
+        return LinearLowRank(self.down.to(device=device, dtype=dtype), self.up.to(device=device, dtype=dtype))
 
     def stack(self, other: "LinearLowRank") -> "LinearLowRank":
         return LinearLowRank(torch.cat([self.down, other.down]), torch.cat([self.up, other.up], dim=1))
@@ -47,6 +51,11 @@ class ConvLowRank:
             h = F.conv2d(x, self.down)
             h = F.conv2d(h, self.mid, None, self.stride, self.padding, self.dilation)
         return F.conv2d(h, self.up)
+
+    def to(self, device, dtype) -> "ConvLowRank":
+        move = dict(device=device, dtype=dtype)
+        return ConvLowRank(_ConvGeometry(self), self.down.to(**move),
+                           None if self.mid is None else self.mid.to(**move), self.up.to(**move))
 
     def stack(self, other: "ConvLowRank") -> "ConvLowRank | None":
         if self.mid is not None or other.mid is not None or self.down.shape[2:] != other.down.shape[2:]:
@@ -73,6 +82,12 @@ class DenseDelta:
             return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.linear(x, self.weight, self.bias)
 
+    def to(self, device, dtype) -> "DenseDelta":
+        moved = copy.copy(self)
+        moved.weight = self.weight.to(device=device, dtype=dtype)
+        moved.bias = None if self.bias is None else self.bias.to(device=device, dtype=dtype)
+        return moved
+
 
 def _mismatch(use: LoraUse, module_name: str, detail: str) -> LoraMismatchError:
     return LoraMismatchError(
@@ -95,7 +110,7 @@ def _make_op(use: LoraUse, name: str, module: nn.Module, delta):
     if up.shape[0] != out_features or delta.down.shape[1] != in_features:
         raise _mismatch(use, name, f"weight {tuple(weight.shape)}, LoRA down {tuple(delta.down.shape)} "
                                    f"up {tuple(delta.up.shape)}")
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         if delta.down.dim() == 4 and delta.down.shape[2:] != (1, 1) or delta.mid is not None:
             raise _mismatch(use, name, "conv LoRA on a linear layer")
         return LinearLowRank(delta.down.reshape(delta.rank, in_features).to(**cast), up.to(**cast))

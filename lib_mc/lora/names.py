@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 PREFIX = "lora_unet_"
@@ -53,11 +54,21 @@ def diffusers_to_ldm(key: str) -> list[str]:
     return [simple[key]] if key in simple else []
 
 
+def is_linear(module: nn.Module) -> bool:
+    """torch's Linear, or a host's own linear layer (Forge's `ForgeOperations.Linear` is a plain
+    Module with a 2-D weight)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (not isinstance(module, nn.Conv2d) and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and hasattr(module, "in_features"))
+
+
 def layer_modules(unet: nn.Module) -> dict[str, tuple[str, nn.Module]]:
     """kohya key -> (module name, module) for every Linear/Conv layer of the UNet."""
     table = {}
     for name, module in unet.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if is_linear(module) or isinstance(module, nn.Conv2d):
             table[PREFIX + name.replace(".", "_")] = (name, module)
     return table
 

@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from lib_mc.hosts.a1111_xyz import XYZ_ATTR, axis_specs
+from lib_mc.hosts.webui_xyz import XYZ_ATTR, axis_specs
 
 
 def test_axes_cover_enabled_and_start_at_and_accumulate_overrides():

@@ -1,6 +1,7 @@
-"""A1111 side of the models behind automatic regions: the settings, the decoded layout images,
-face detection (models/insightface) and SAM refinement (models/sam), each with a
-once-per-session console notice when its model file is missing."""
+"""The WebUI side (A1111 and Forge alike: only `modules` API both share) of the models behind
+automatic regions: the settings, the decoded layout images, face detection
+(models/insightface) and SAM refinement (models/sam), each with a once-per-session console
+notice when its model file is missing."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from modules import devices, paths, shared
 
 from ..auto import faces as face_detection
 from ..auto import sam
-from .layout_images import to_images
+from .layout_images import decode, to_images
 
 SETTING = "multi_concept_sam_model"
 FACES_SETTING = "multi_concept_faces"
@@ -37,8 +38,7 @@ def layout_images(p, layout_latents: torch.Tensor) -> Callable[[], list[np.ndarr
 
     def images() -> list[np.ndarray]:
         if not decoded:
-            with torch.no_grad():
-                out = p.sd_model.decode_first_stage(layout_latents.to(devices.device, devices.dtype_vae))
+            out = decode(p.sd_model, layout_latents)
             decoded.extend(np.asarray(image) for image in to_images(out))
         return decoded
     return images

@@ -1,0 +1,124 @@
+"""Forge's UNet calls routed into the engine, as functions its patcher takes. No Forge imports:
+the tests run these in CI with the ldm UNet; `forge.py` installs them on a patcher clone.
+
+Forge calls its UNet (through `model_function_wrapper(apply_model, args)`) with the rows of
+`args["cond_or_uncond"]` chunks, in whatever order it batched them ([uncond, cond] is usual);
+the engine wants [cond rows, uncond rows]. The wrapper reorders, lets the engine make its own
+batched calls, gives each call the `transformer_options` (cond_or_uncond, cond_mark, ...) and
+ControlNet residuals of its own rows, and puts the result back in Forge's order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+COND, UNCOND = 0, 1
+BLOCKS = ("input", "middle", "output")
+MAX_BLOCK, MAX_TRANSFORMER = 16, 16   # as Forge's set_model_replace_all
+
+
+def engine_order(flags: list[int], chunk: int) -> torch.Tensor:
+    """Forge's rows in engine order: the cond chunks, then the uncond chunks."""
+    picked = [i for i, f in enumerate(flags) if f == COND] + [i for i, f in enumerate(flags) if f != COND]
+    return torch.cat([torch.arange(i * chunk, (i + 1) * chunk) for i in picked])
+
+
+def call_rows(call, n_cond: int, rows: int) -> tuple[list[int], torch.Tensor]:
+    """For one UNet call the engine makes: a cond/uncond flag per row and, per row, the row of the
+    engine-ordered input it stands for (its ControlNet residual comes from there). `call` is the
+    engine's CallState, None when the call is the host's own batch (stage 1)."""
+    if call is None:
+        return [COND] * n_cond + [UNCOND] * (rows - n_cond), torch.arange(rows)
+    flags, source = [], []
+    for group in call.rows.groups:
+        flags += [COND] * group.n_cond + [UNCOND] * group.n_uncond
+        source += list(range(group.n_cond)) + list(range(n_cond, n_cond + group.n_uncond))
+    return flags, torch.tensor(source, dtype=torch.long)
+
+
+def call_options(options: dict, row_flags: list[int], chunk: int, sigmas: torch.Tensor) -> dict:
+    """A copy of Forge's transformer_options that describes this call's rows (the UNet writes
+    into it, so every call gets its own)."""
+    flags = row_flags[::chunk]
+    out = dict(options)
+    out["cond_or_uncond"] = flags
+    out["sigmas"] = sigmas
+    out["cond_mark"] = torch.tensor(row_flags, dtype=sigmas.dtype, device=sigmas.device)
+    out["cond_indices"] = [i for i, f in enumerate(row_flags) if f == COND]
+    out["uncond_indices"] = [i for i, f in enumerate(row_flags) if f != COND]
+    return out
+
+
+def map_control(control: dict | None, rows: torch.Tensor, batch: int) -> dict | None:
+    """ControlNet residuals (lists per block kind, batch = Forge's rows) for the given rows.
+    Fresh lists: the UNet pops them."""
+    if control is None:
+        return None
+
+    def pick(t):
+        if t is None or not torch.is_tensor(t) or t.shape[0] != batch:
+            return t
+        return t[rows.to(t.device)]
+    return {kind: [pick(t) for t in residuals] for kind, residuals in control.items()}
+
+
+def make_unet_wrapper(session, step: Callable[[], int], total_steps: Callable[[], int]):
+    """Forge's `model_function_wrapper`: every UNet call of the sampler goes through the session."""
+    def wrapper(apply_model, args):
+        x, timestep, c = args["input"], args["timestep"], args["c"]
+        flags = list(args["cond_or_uncond"])
+        chunk = x.shape[0] // len(flags)
+        order = engine_order(flags, chunk).to(x.device)
+        n_cond = chunk * flags.count(COND)
+        tensors = {k: v[order] for k, v in c.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == x.shape[0]}
+        others = {k: v for k, v in c.items() if k not in tensors}
+        sigmas = timestep[:chunk]
+
+        def model_fn(xx, tt, cc):
+            row_flags, source = call_rows(session.run.call, n_cond, xx.shape[0])
+            extra = dict(others)
+            if isinstance(others.get("transformer_options"), dict):
+                extra["transformer_options"] = call_options(others["transformer_options"], row_flags, chunk, sigmas)
+            if others.get("control") is not None:
+                extra["control"] = map_control(others["control"], order.cpu()[source], x.shape[0])
+            return apply_model(xx, tt, **cc, **extra)
+
+        out = session.denoise(model_fn, x[order], timestep[order], tensors, n_cond=n_cond,
+                              step=step(), total_steps=total_steps())
+        result = torch.empty_like(out)
+        result[order] = out
+        return result
+    return wrapper
+
+
+def make_attention_replace(session, *, cross: bool, decoder: bool, host_attention, previous=None):
+    """An attention replace patch `fn(q, k, v, extra_options)`: the engine's attention, with the
+    pass-through going to the patch that was there before (another extension's) or Forge's own
+    attention function `host_attention(q, k, v, heads)`."""
+    def replace(q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        if previous is not None:
+            def host(q_, k_, v_):
+                return previous(q_, k_, v_, extra_options)
+        else:
+            def host(q_, k_, v_):
+                return host_attention(q_, k_, v_, heads)
+        return session.attention(q, k, v, heads, cross=cross, decoder=decoder, host=host)
+    return replace
+
+
+def install_attention(patcher, session, host_attention) -> None:
+    """Attention replace patches on every transformer block of a (cloned) UnetPatcher, keeping
+    the ones other extensions set as their pass-through."""
+    replaced = patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
+    for name, cross in (("attn1", False), ("attn2", True)):
+        before = dict(replaced.get(name, {}))
+        for block in BLOCKS:
+            for number in range(MAX_BLOCK):
+                for index in range(MAX_TRANSFORMER):
+                    previous = before.get((block, number, index)) or before.get((block, number))
+                    patch = make_attention_replace(session, cross=cross, decoder=block == "output",
+                                                   host_attention=host_attention, previous=previous)
+                    patcher.set_model_patch_replace(patch, name, block, number, index)

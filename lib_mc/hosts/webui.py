@@ -1,0 +1,300 @@
+"""What the A1111 and Forge adapters share: both WebUIs keep A1111's `modules` API for scripts,
+processing, the Lora extension's lists, the RNG and the infotext. Host-specific work (text
+encoding with LoRAs, routing the sampler's UNet calls into the engine) stays in `a1111.py` and
+`forge.py`, which call in here.
+
+Flow per job:
+- `process`: parse the job argument; put it in the infotext. Problems are stored, not raised:
+  the WebUIs swallow exceptions raised in script hooks, so they are raised later from the
+  sampler call, which stops the job with the WebUI's error display (API: an error response).
+- `process_batch` (main-prompt LoRAs are active): resolve LoRAs, encode concept prompts with
+  their text-encoder LoRAs, build masks and the engine Plan.
+- `process_before_every_sampling` (first pass only, not hires): the adapter routes the UNet
+  calls and `wrap_sampler` makes this batch's `sampler.sample` sample twice: stage 1 plain and
+  recorded, then `p.rng` is recreated and stage 2 runs with the engine.
+- `postprocess`: with `save_layout`, add the stage-1 images and a mask overlay.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from modules import devices, rng, shared
+from modules import extra_networks as host_extra_networks
+
+from ..engine import MultiConceptSession
+from ..errors import EngineError, MultiConceptError
+from ..infotext import KEY as INFOTEXT_KEY, job_to_infotext
+from ..job import Job, JobError, parse_job
+from ..lora.network import Network
+from ..prepare import LoraFile, Prepared, prepare
+from ..regions import encode_png
+from . import webui_models
+from .layout_images import layout_outputs
+from .webui_xyz import XYZ_ATTR
+
+WARNINGS_KEY = "Multi-Concept warnings"
+
+
+@dataclass
+class JobState:
+    job: Job | None = None
+    error: Exception | None = None
+    prepared: Prepared | None = None
+    networks: dict[str, Network] = field(default_factory=dict)
+    layouts: list[tuple[torch.Tensor, object]] = field(default_factory=list)   # (stage-1 latents, plan)
+    found: dict[int, dict[int, str]] = field(default_factory=dict)   # image index -> concept -> found mask PNG
+    session: MultiConceptSession | None = None   # this batch's engine session
+    routed_sampler: object = None                # the sampler whose sample() this batch wrapped
+
+
+class ImageInfotext:
+    """The job for one image's infotext (the WebUI calls it with the image's `index`): automatic
+    regions carry the masks found for that very image, so pasting it brings them back drawn."""
+
+    def __init__(self, state: JobState):
+        self.state = state
+
+    def __call__(self, index=None, **kwargs) -> str:
+        job = self.state.job
+        found = self.state.found.get(index or 0)
+        if found:
+            job = copy.deepcopy(job)
+            for concept_index, png in found.items():
+                job.concepts[concept_index].region.found = png
+        return job_to_infotext(job)
+
+
+def state_of(p) -> JobState | None:
+    return getattr(p, "_multi_concept", None)
+
+
+# ---- the WebUI's LoRA list (A1111's Lora extension and Forge's sd_forge_lora share its API) ------
+
+def lora_module():
+    module = sys.modules.get("networks")
+    if module is None or not hasattr(module, "available_networks"):
+        raise JobError("loras", "the WebUI's built-in Lora extension is not loaded")
+    return module
+
+
+def lora_names() -> list[str]:
+    return list(lora_module().available_networks)
+
+
+def refresh_lora_names() -> list[str]:
+    networks = lora_module()
+    networks.list_available_networks()
+    return list(networks.available_networks)
+
+
+class WebUIServices:
+    """What `prepare` needs from the host that both WebUIs do alike; the adapters add `encode`
+    and `word_positions`."""
+
+    def __init__(self, p):
+        self.p = p
+        self.networks = lora_module()
+        model = p.sd_model
+        self.model_arch = "sdxl" if getattr(model, "is_sdxl", False) else (
+            "sd2" if getattr(model, "is_sd2", False) else "sd1")
+
+    def lora_names(self) -> list[str]:
+        return list(self.networks.available_network_aliases)
+
+    def find_lora(self, name: str) -> LoraFile | None:
+        nets = self.networks
+        on_disk = nets.available_network_aliases.get(name) or nets.available_networks.get(name)
+        if on_disk is None:
+            nets.list_available_networks()   # a file added since start-up
+            on_disk = nets.available_network_aliases.get(name) or nets.available_networks.get(name)
+        if on_disk is None:
+            return None
+        version = getattr(getattr(on_disk, "sd_version", None), "name", "Unknown")
+        arch = {"SD1": "sd1", "SD2": "sd2", "SDXL": "sdxl"}.get(version)
+        return LoraFile(name, on_disk.filename, arch)
+
+    def parse_tags(self, prompt: str):
+        clean, found = host_extra_networks.parse_prompt(prompt)
+        loras = []
+        for kind in ("lora", "lyco"):
+            for params in found.get(kind, []):
+                items = params.items
+                try:
+                    weight = float(items[1]) if len(items) > 1 else 1.0
+                except ValueError as exc:
+                    raise JobError("prompt", f"<{kind}:{':'.join(items)}>: weight is not a number") from exc
+                loras.append((items[0], weight))
+        for kind in found:
+            if kind not in ("lora", "lyco"):
+                print(f"[Multi-Concept] <{kind}:...> in a concept prompt is ignored; only LoRA tags apply there")
+        return clean, loras
+
+
+# ---- hooks ------------------------------------------------------------------------------------
+
+def process(p, job_arg) -> None:
+    p._multi_concept = None
+    try:
+        job = parse_job(job_arg)
+        for key, value in (getattr(p, XYZ_ATTR, None) or {}).items():
+            setattr(job, key, value)
+        if not job.enabled:
+            return
+        if job.enabled and not job.concepts:
+            raise JobError("concepts", "is empty: add at least one concept or disable Multi-Concept")
+        if re.search(r"\bAND\b", p.prompt or ""):
+            raise JobError("prompt", "AND (composable prompts) cannot be combined with Multi-Concept")
+        p._multi_concept = JobState(job)
+        p.extra_generation_params[INFOTEXT_KEY] = ImageInfotext(p._multi_concept)
+    except MultiConceptError as exc:
+        p._multi_concept = JobState(error=exc)
+        print(f"[Multi-Concept] {exc}")
+
+
+def process_batch(p, services, unet) -> None:
+    state = state_of(p)
+    if state is None or state.error is not None:
+        return
+    state.session = state.routed_sampler = None
+    try:
+        state.prepared = prepare(
+            state.job, base_prompt=p.prompts[0], base_negative=p.negative_prompts[0],
+            image_hw=(p.height, p.width), unet=unet, services=services, networks_cache=state.networks)
+        if state.prepared.warnings:
+            p.extra_generation_params[WARNINGS_KEY] = "; ".join(state.prepared.warnings)
+    except MultiConceptError as exc:
+        state.error = exc
+        print(f"[Multi-Concept] {exc}")
+
+
+def first_pass_state(p) -> JobState | None:
+    """The job state when this `process_before_every_sampling` is the first pass of a batch
+    that still has to be routed; None otherwise (no job, hires pass, or already done: Forge
+    calls the hook twice)."""
+    state = state_of(p)
+    if state is None or getattr(p, "is_hr_pass", False) or getattr(p, "sampler", None) is None:
+        return None
+    if state.routed_sampler is p.sampler:
+        return None
+    return state
+
+
+class StepCount:
+    """Steps as the engine counts them: the CFG denoiser's own counter; the total is stage 1's
+    count of denoiser calls once known (a sampler's own estimate before)."""
+
+    def __init__(self, cfg, p):
+        self.cfg, self.p = cfg, p
+        self.stage1_calls: int | None = None
+
+    @property
+    def step(self) -> int:
+        return int(self.cfg.step)
+
+    @property
+    def total(self) -> int:
+        if self.stage1_calls:
+            return self.stage1_calls
+        return max(1, int(getattr(self.cfg, "total_steps", 0) or self.p.steps))
+
+
+def wrap_sampler(p, state: JobState, counter: StepCount, routing=None) -> None:
+    """Make this batch's `sampler.sample` sample twice (once: the hires pass gets the plain
+    sampler). `routing`: a context manager active around both stages (A1111's patches)."""
+    sampler = p.sampler
+    original = sampler.sample
+    state.routed_sampler = sampler
+
+    def two_stage_sample(p_, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None,
+                         **kwargs):
+        sampler.__dict__.pop("sample", None)
+        if state.error is not None:
+            raise state.error
+        if state.prepared is None or state.session is None:
+            raise EngineError("the job was not prepared for this batch (process_batch did not run)")
+
+        def sample_once(noise):
+            return original(p_, noise, conditioning, unconditional_conditioning, steps=steps,
+                            image_conditioning=image_conditioning, **kwargs)
+        if routing is None:
+            return _two_stages(p_, state, counter, x, sample_once)
+        with routing:
+            return _two_stages(p_, state, counter, x, sample_once)
+    sampler.sample = two_stage_sample
+
+
+def _two_stages(p, state: JobState, counter: StepCount, x: torch.Tensor, sample_once: Callable):
+    session = state.session
+    initial = x.clone()
+    counter.stage1_calls = None
+    with session.stage1():
+        first = sample_once(x)
+    if shared.state.interrupted or shared.state.skipped:
+        return first
+    counter.stage1_calls = counter.step or None
+    state.layouts.append((first.detach().to(devices.cpu), state.prepared.plan))
+    again = _replay_noise(p, initial)
+    if session.recorder is not None:
+        _find_regions(p, state, first)
+    with session.stage2():
+        result = sample_once(again)
+    _remember_found(p, state)
+    return result
+
+
+def _replay_noise(p, initial: torch.Tensor) -> torch.Tensor:
+    """Recreate the WebUI's noise generator: the same initial and ancestral noise for stage 2."""
+    old = p.rng
+    p.rng = rng.ImageRNG(old.shape, old.seeds, subseeds=old.subseeds, subseed_strength=old.subseed_strength,
+                         seed_resize_from_h=old.seed_resize_from_h, seed_resize_from_w=old.seed_resize_from_w)
+    again = p.rng.next()
+    if not torch.equal(again.to(initial.device), initial):
+        raise EngineError("recreating the WebUI's noise generator did not reproduce the initial noise")
+    return again.to(initial.device, initial.dtype)
+
+
+def _find_regions(p, state: JobState, first: torch.Tensor) -> None:
+    """Automatic regions between the stages: attention (+ faces), then SAM when there is one."""
+    session, plan = state.session, state.prepared.plan
+    notes: list[str] = []
+    images = webui_models.layout_images(p, first)
+    groups = [plan.concepts[i].auto_group for i in plan.auto_concepts]
+    shared_word = len(set(groups)) < len(groups)
+    faces = webui_models.detect_faces(images, plan.regions.latent_hw, notes) if shared_word else None
+    found = session.find_regions(faces=faces)
+    refined = webui_models.refine(images, found, notes)
+    if refined is not None:
+        plan.resolve_auto(refined)
+    if notes:
+        state.prepared.warnings.extend(n for n in notes if n not in state.prepared.warnings)
+        p.extra_generation_params[WARNINGS_KEY] = "; ".join(state.prepared.warnings)
+
+
+def _remember_found(p, state: JobState) -> None:
+    plan = state.prepared.plan
+    if plan.found_masks is None:
+        return
+    auto = plan.auto_concepts
+    for b in range(plan.found_masks.shape[0]):
+        index = getattr(p, "iteration", 0) * p.batch_size + b
+        state.found[index] = {concept: encode_png(plan.found_masks[b, slot]) for slot, concept in enumerate(auto)}
+
+
+def postprocess(p, processed) -> None:
+    state = state_of(p)
+    if state is None or state.job is None or not state.job.save_layout or not state.layouts:
+        return
+    try:
+        images = layout_outputs(p.sd_model, state.layouts, [c.name for c in state.job.concepts])
+    except Exception as exc:  # an extra output must never cost the user the image
+        print(f"[Multi-Concept] could not make the layout images: {exc}")
+        return
+    processed.images.extend(images)
+    processed.infotexts.extend([processed.infotexts[0] if processed.infotexts else ""] * len(images))

@@ -49,7 +49,17 @@
             ]);
             this.bindPointer();
             this.bindKeys();
+            this.watchVisibility();
             this.resizeDisplay();
+        }
+
+        // Width and height set by the page without input events (Forge's UI presets, a pasted
+        // infotext) are read when the canvas comes into view, before anyone draws on it.
+        watchVisibility() {
+            if (!window.IntersectionObserver) return;
+            new IntersectionObserver((entries) => {
+                if (entries.some((entry) => entry.isIntersecting)) this.syncImageSize();
+            }).observe(this.canvas);
         }
 
         // ---- layout -------------------------------------------------------------------------

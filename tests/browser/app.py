@@ -1,6 +1,7 @@
 """A gradio app that mounts the real Multi-Concept panel the way the WebUI does, for browser tests.
 
-It builds txt2img's width/height controls (same element ids as A1111/Forge), the panel from
+It builds txt2img's width/height controls (same element ids as A1111/Forge) and a button that
+sets them from Python (as Forge's UI presets do), the panel from
 `build_panel`, a Generate button whose handler records the job JSON that Python receives, and
 a Load button that pastes a job into the panel's paste box as infotext does. The extension's
 javascript/*.js go into <head> and style.css into <body>, as `file=` URLs, exactly like the
@@ -46,8 +47,11 @@ def inject_extension_files() -> None:
 def build(record: pathlib.Path) -> gr.Blocks:
     with gr.Blocks(analytics_enabled=False) as demo:
         with gr.Row():
-            gr.Slider(64, 2048, 512, step=8, label="Width", elem_id="txt2img_width", interactive=True)
-            gr.Slider(64, 2048, 512, step=8, label="Height", elem_id="txt2img_height", interactive=True)
+            width = gr.Slider(64, 2048, 512, step=8, label="Width", elem_id="txt2img_width", interactive=True)
+            height = gr.Slider(64, 2048, 512, step=8, label="Height", elem_id="txt2img_height", interactive=True)
+        # sets the size from Python, as Forge's UI presets do: no input events in the page
+        preset = gr.Button("Size preset", elem_id="size_preset")
+        preset.click(lambda: (512, 640), outputs=[width, height])
         panel = build_panel(lambda: ["alice_v1", "bob_v1"])
         generate = gr.Button("Generate", elem_id="txt2img_generate")
         received = gr.Textbox(label="received", elem_id="received")

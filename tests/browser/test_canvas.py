@@ -229,3 +229,21 @@ def test_undo_after_a_size_change_and_a_new_concept_keeps_drawing_in_place(page,
     wait_for_job(page, "Math.abs(job.concepts[0].region.x - 0.5) < 0.02")
     region = parse_job(generate(page, panel_app)).concepts[0].region
     assert [round(v, 1) for v in (region.x, region.y, region.w, region.h)] == [0.5, 0.2, 0.2, 0.4]
+
+
+def test_a_size_set_from_python_while_the_panel_is_closed_shows_when_it_opens(page, panel_app):
+    """Forge's UI presets set width/height from Python at load, without input events in the
+    page; the canvas must have that aspect before the first stroke, not change under it."""
+    page.mouse.move(0, 0)
+    page.locator("#multi_concept .label-wrap").first.click()   # close
+    page.locator("#multi_concept canvas.mc-canvas").wait_for(state="hidden", timeout=10000)
+    page.click("#size_preset")
+    page.wait_for_function("document.querySelector('#txt2img_height input[type=number]').value === '640'")
+    page.locator("#multi_concept .label-wrap").first.click()   # open again: no pointer over the canvas
+    page.wait_for_function("document.querySelector('#multi_concept canvas.mc-canvas')"
+                           ".dataset.imageSize === '512x640'", timeout=10000)
+    box = canvas_box(page)
+    assert abs(box["width"] / box["height"] - 512 / 640) < 0.02
+    page.click('#multi_concept [data-concept="0"]')
+    drag(page, box, (0.1, 0.1), (0.4, 0.9))
+    wait_for_job(page, "Math.abs(job.concepts[0].region.x - 0.1) < 0.02 && Math.abs(job.concepts[0].region.w - 0.3) < 0.02")

@@ -35,7 +35,7 @@ from ..job import Job, JobError, parse_job
 from ..lora.network import Network
 from ..prepare import LoraFile, Prepared, prepare
 from ..regions import encode_png
-from . import webui_models
+from . import check_model_family, webui_models
 from .layout_images import layout_outputs
 from .webui_xyz import XYZ_ATTR
 
@@ -164,6 +164,7 @@ def process_batch(p, services, unet) -> None:
         return
     state.session = state.routed_sampler = None
     try:
+        check_model_family(p.sd_model)
         state.prepared = prepare(
             state.job, base_prompt=p.prompts[0], base_negative=p.negative_prompts[0],
             image_hw=(p.height, p.width), unet=unet, services=services, networks_cache=state.networks)

@@ -160,3 +160,17 @@ class count_unet_rows:
 
     def remove(self):
         self.handle.remove()
+
+
+def two_lora_world(folder) -> dict:
+    """The engine tests' shared setup: a tiny UNet, two LoRA files on it (alice: attention
+    layers; bob: also convs), base and concept contexts (alice's longer, so keys get padded)."""
+    from lib_mc.lora import load_network
+    unet = make_unet()
+    parts_a = write_lora(folder / "alice.safetensors", unet, seed=10)
+    parts_b = write_lora(folder / "bob.safetensors", unet, seed=11, convs=True)
+    return dict(unet=unet, ldm=TinyLDM(unet),
+                alice=load_network(str(folder / "alice.safetensors")), alice_parts=parts_a,
+                bob=load_network(str(folder / "bob.safetensors")), bob_parts=parts_b,
+                cond=random_context(1), uncond=random_context(2),
+                alice_cond=random_context(3, tokens=12), bob_cond=random_context(4))

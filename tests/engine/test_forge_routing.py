@@ -14,10 +14,9 @@ from torch import nn
 
 from lib_mc.engine import MultiConceptSession
 from lib_mc.hosts.forge_routing import call_options, engine_order, install_attention, make_unet_wrapper, map_control
-from lib_mc.lora import load_network
 from lib_mc.patcher import PatchSet
 from lib_mc.plan import build_plan
-from tinyhost import TinyLDM, make_unet, merged_copy, random_context, write_lora
+from tinyhost import TinyLDM, merged_copy, two_lora_world
 
 IMAGE = (128, 128)   # latent 16 x 16
 BLOCK_NAME = re.compile(r"(input_blocks|middle_block|output_blocks)\.?(\d*)\.?\d*\.transformer_blocks\.(\d+)\.(attn[12])$")
@@ -67,15 +66,7 @@ def forge_block_attention(unet: nn.Module, patcher: PatcherOptions) -> PatchSet:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("loras")
-    unet = make_unet()
-    parts_a = write_lora(folder / "alice.safetensors", unet, seed=10)
-    parts_b = write_lora(folder / "bob.safetensors", unet, seed=11, convs=True)
-    return dict(unet=unet, ldm=TinyLDM(unet), alice_parts=parts_a, bob_parts=parts_b,
-                alice=load_network(str(folder / "alice.safetensors")),
-                bob=load_network(str(folder / "bob.safetensors")),
-                cond=random_context(1), uncond=random_context(2),
-                alice_cond=random_context(3, tokens=12), bob_cond=random_context(4))
+    return two_lora_world(tmp_path_factory.mktemp("loras"))
 
 
 def plan_of(world, auto=False):

@@ -6,25 +6,15 @@ from k_diffusion.external import CompVisDenoiser
 
 from lib_mc.engine import MultiConceptSession
 from lib_mc.errors import EngineError
-from lib_mc.lora import load_network
 from lib_mc.plan import build_plan
-from tinyhost import (CFGHost, TinyLDM, count_unet_rows, make_unet, merged_copy, random_context,
-                      sample, write_lora)
+from tinyhost import CFGHost, TinyLDM, count_unet_rows, merged_copy, sample, two_lora_world
 
 IMAGE = (128, 128)   # latent 16 x 16
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("loras")
-    unet = make_unet()
-    parts_a = write_lora(folder / "alice.safetensors", unet, seed=10)
-    parts_b = write_lora(folder / "bob.safetensors", unet, seed=11, convs=True)
-    return dict(unet=unet, ldm=TinyLDM(unet),
-                alice=load_network(str(folder / "alice.safetensors")), alice_parts=parts_a,
-                bob=load_network(str(folder / "bob.safetensors")), bob_parts=parts_b,
-                cond=random_context(1), uncond=random_context(2),
-                alice_cond=random_context(3, tokens=12), bob_cond=random_context(4))
+    return two_lora_world(tmp_path_factory.mktemp("loras"))
 
 
 def column_mask(lo, hi, rows=(0, IMAGE[0])):

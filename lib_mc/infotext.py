@@ -6,8 +6,10 @@ PNG (and a hash of the original), so PNG Info -> Send to txt2img restores the pa
 
 from __future__ import annotations
 
+import copy
 import json
 
+from .errors import MultiConceptError
 from .job import Job, parse_job
 from .regions import compact_mask
 
@@ -37,6 +39,33 @@ def job_to_infotext(job: Job) -> str:
         elif region.get("found"):
             region["found"], _ = compact_mask(region["found"], f"concepts[{i}].region.found")
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+class ImageInfotext:
+    """The value the WebUI calls with each image's `index` when it writes the infotext: the job,
+    with automatic regions carrying the masks found for that very image (pasting it brings them
+    back drawn). `state` holds `job`, `error` and `found` (image index -> concept -> PNG).
+
+    None leaves the key out: after a failed job (a mask that is not a PNG would fail again here,
+    and the WebUI would log an infotext error on top of the job's own message)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __call__(self, index=None, **kwargs) -> str | None:
+        if self.state.error is not None or self.state.job is None:
+            return None
+        job = self.state.job
+        found = self.state.found.get(index or 0)
+        if found:
+            job = copy.deepcopy(job)
+            for concept_index, png in found.items():
+                job.concepts[concept_index].region.found = png
+        try:
+            return job_to_infotext(job)
+        except MultiConceptError as exc:   # never cost the user the image for its caption
+            print(f"[Multi-Concept] not written to the infotext: {exc}")
+            return None
 
 
 def infotext_to_job(value: str) -> Job:

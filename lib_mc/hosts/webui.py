@@ -17,7 +17,6 @@ Flow per job:
 
 from __future__ import annotations
 
-import copy
 import re
 import sys
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from modules import extra_networks as host_extra_networks
 
 from ..engine import MultiConceptSession
 from ..errors import EngineError, MultiConceptError
-from ..infotext import KEY as INFOTEXT_KEY, job_to_infotext
+from ..infotext import KEY as INFOTEXT_KEY, ImageInfotext
 from ..job import Job, JobError, parse_job
 from ..lora.network import Network
 from ..prepare import LoraFile, Prepared, prepare
@@ -52,23 +51,6 @@ class JobState:
     found: dict[int, dict[int, str]] = field(default_factory=dict)   # image index -> concept -> found mask PNG
     session: MultiConceptSession | None = None   # this batch's engine session
     routed_sampler: object = None                # the sampler whose sample() this batch wrapped
-
-
-class ImageInfotext:
-    """The job for one image's infotext (the WebUI calls it with the image's `index`): automatic
-    regions carry the masks found for that very image, so pasting it brings them back drawn."""
-
-    def __init__(self, state: JobState):
-        self.state = state
-
-    def __call__(self, index=None, **kwargs) -> str:
-        job = self.state.job
-        found = self.state.found.get(index or 0)
-        if found:
-            job = copy.deepcopy(job)
-            for concept_index, png in found.items():
-                job.concepts[concept_index].region.found = png
-        return job_to_infotext(job)
 
 
 def state_of(p) -> JobState | None:

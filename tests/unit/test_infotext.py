@@ -43,3 +43,30 @@ def test_a_found_automatic_region_travels_small_and_pastes_back_drawn():
     assert values[len(TOP_FIELDS) + len(CONCEPT_FIELDS) + CONCEPT_FIELDS.index("region")] == "auto"
     rerun = parse_job(compose(*values))
     assert rerun.concepts[0].region.type == "mask" and rerun.concepts[1].region.type == "auto"
+
+
+def _state(job, error=None, found=None):
+    from types import SimpleNamespace
+    return SimpleNamespace(job=job, error=error, found=found or {})
+
+
+def test_each_image_infotext_carries_the_mask_found_for_that_image():
+    from lib_mc.infotext import ImageInfotext
+    job = parse_job({"concepts": [{"name": "him", "class_word": "man", "region": {"type": "auto"}}]})
+    left, right = torch.zeros(64, 64), torch.zeros(64, 64)
+    left[:, :20], right[:, 40:] = 1, 1
+    value = ImageInfotext(_state(job, found={0: {0: encode_png(left)}, 1: {0: encode_png(right)}}))
+    masks = [region_mask(Region("mask", png=infotext_to_job(value(index=i)).concepts[0].region.found), (64, 64), "f")
+             for i in (0, 1)]
+    assert masks[0][:, :16].min() == 1 and masks[0][:, 48:].max() == 0
+    assert masks[1][:, 48:].min() == 1 and masks[1][:, :16].max() == 0
+    assert not job.concepts[0].region.found   # the job itself is left as it was
+
+
+def test_a_failed_job_leaves_its_key_out_of_the_infotext_instead_of_failing_again():
+    from lib_mc.errors import MultiConceptError
+    from lib_mc.infotext import ImageInfotext
+    job = parse_job({"concepts": [{"name": "bob", "region": {"type": "mask", "png": "bm90IGEgcG5n"}}]})
+    assert ImageInfotext(_state(job, error=MultiConceptError("concepts[0].region.png: not a PNG")))(index=0) is None
+    # the same bad mask before the job noticed it: still no exception into the WebUI's infotext code
+    assert ImageInfotext(_state(job))(index=0) is None

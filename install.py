@@ -7,7 +7,8 @@ import launch
 
 # import name -> pip requirement
 REQUIREMENTS: dict[str, str] = {"segment_anything": "segment-anything==1.0",
-                                "onnxruntime": "onnxruntime"}   # the face detector of automatic regions
+                                "onnxruntime": "onnxruntime",   # the face detector of automatic regions
+                                "cv2": "opencv-python"}         # mask clean-up; both WebUIs ship it already
 
 for module, requirement in REQUIREMENTS.items():
     if not launch.is_installed(module):

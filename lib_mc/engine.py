@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .auto.attention_maps import AttentionRecorder
-from .auto.masks import masks_from_maps
+from .auto.masks import masks_from_maps, stretch
+from .auto.postprocess import finish
 from .auto.refine import refine_masks
 from .errors import EngineError
 from .hooks.attention import HostAttention, attend, is_attention, make_attention_forward
@@ -205,7 +206,7 @@ class MultiConceptSession:
             out = self._model(model_fn, torch.cat([p.x for p in chunk]), torch.cat([p.sigma for p in chunk]),
                               conds, call)
             if "self" in call.captured:
-                self._refine(call.captured["self"])
+                self._refine(call.captured["self"], step)
                 refine = False
             for group in rows.groups:
                 outputs[(group.kind, group.index)] = out[group.rows]
@@ -215,9 +216,10 @@ class MultiConceptSession:
             blended = blended + outputs[("concept", index)] * weights[index + 1]
         return blended
 
-    def find_regions(self, faces=None) -> torch.Tensor:
+    def find_regions(self, faces=None, finish: bool = True) -> torch.Tensor:
         """The automatic concepts' masks from stage 1's attention, per image, into the plan.
-        faces[b]: face boxes of image b in latent cells, to split people who share a word."""
+        faces[b]: face boxes of image b in latent cells, to split people who share a word.
+        finish=False: the host refines them (SAM) and calls `finish_regions` itself."""
         regions = self.plan.regions
         if not self.recorder.sums:
             raise EngineError("automatic regions: the layout pass recorded no cross-attention "
@@ -225,9 +227,23 @@ class MultiConceptSession:
         maps = self.recorder.maps(regions.latent_hw, regions.grids)
         auto = [self.plan.concepts[i] for i in self.plan.auto_concepts]
         found = masks_from_maps(maps, [c.auto_group for c in auto], hints=[c.auto_hint for c in auto], faces=faces)
+        self.plan.mask_steps = [("attention", stretch(maps)), ("attention masks", found)]
+        self.plan.face_boxes = faces
         self.plan.resolve_auto(found)
-        self.plan.attention_masks = found   # kept for the save_layout outputs: each step visible
-        return found
+        return self.finish_regions(found) if finish else found
+
+    def finish_regions(self, masks: torch.Tensor, found_by: str | None = None) -> torch.Tensor:
+        """Clean up and grow/shrink (options.auto_grow) found masks, then into the plan.
+        found_by: a label for the save_layout outputs when these masks are a new step (e.g. SAM)."""
+        plan = self.plan
+        if found_by:
+            plan.mask_steps.append((found_by, masks))
+        grow_px = plan.options.auto_grow
+        finished = finish(masks, grow_px, px_per_cell=plan.image_size[0] / masks.shape[-2])
+        if not torch.equal(finished, masks.float()):
+            plan.mask_steps.append((f"cleaned, grown {grow_px:+g} px" if grow_px else "cleaned", finished))
+        plan.resolve_auto(finished)
+        return finished
 
     def _refine_now(self, step: int, total_steps: int) -> bool:
         """Refinement steps: from the start step, every `refine_every`, before `refine_until`;
@@ -240,7 +256,7 @@ class MultiConceptSession:
         self._refined_steps.add(step)
         return True
 
-    def _refine(self, attention: torch.Tensor) -> None:
+    def _refine(self, attention: torch.Tensor, step: int) -> None:
         """attention: (B, n, n) base-row self-attention at the latent/4 grid -> new auto masks.
         The blend of this very call already used the old masks; the next calls use the new."""
         plan = self.plan
@@ -250,6 +266,8 @@ class MultiConceptSession:
         k = plan.options.refine_clusters or len(plan.concepts) + 2
         refined = torch.stack([refine_masks(attention[b].cpu(), current[min(b, len(current) - 1)].float(), k)
                                for b in range(attention.shape[0])])
+        refined = finish(refined, plan.options.auto_grow, px_per_cell=plan.image_size[0] / grid[0])
+        plan.mask_steps.append((f"refined at step {step + 1}", refined))
         plan.resolve_auto(refined)
 
     def _self_replay_tokens(self) -> int:

@@ -18,6 +18,7 @@ from .errors import PlanError
 SCHEMA_VERSION = 1
 MODES = ("blend",)
 MAX_CONCEPTS = 8
+MAX_GROW_PX = 128   # auto_grow: found masks grow or shrink at most this many image pixels
 MAX_MASK_PNG_BYTES = 16 * 2 ** 20
 
 
@@ -63,6 +64,7 @@ class Job:
     feather: float = 0.0
     save_layout: bool = False
     refine_regions: bool = False      # automatic regions follow the subjects during sampling
+    auto_grow: float = 0.0            # automatic regions: grow (> 0) or shrink found masks, image pixels
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -70,7 +72,7 @@ class Job:
             "version": SCHEMA_VERSION, "enabled": self.enabled, "mode": self.mode,
             "start_at": self.start_at, "layout_replay": self.layout_replay,
             "self_attn_replay_until": self.self_attn_replay_until, "feather": self.feather,
-            "save_layout": self.save_layout, "refine_regions": self.refine_regions,
+            "save_layout": self.save_layout, "refine_regions": self.refine_regions, "auto_grow": self.auto_grow,
             "concepts": [_concept_dict(c) for c in self.concepts],
         }
 
@@ -218,6 +220,7 @@ def parse_job(raw: Any) -> Job:
         feather=_num(raw, "feather", 0.0, "", 0.0, 256.0),
         save_layout=_bool(raw, "save_layout", False, ""),
         refine_regions=_bool(raw, "refine_regions", False, ""),
+        auto_grow=_num(raw, "auto_grow", 0.0, "", -MAX_GROW_PX, MAX_GROW_PX),
         concepts=[_concept(c, i) for i, c in enumerate(concepts)],
     )
     if job.enabled and not job.concepts:

@@ -46,6 +46,7 @@ class Options:
     refine_every: int = 0              # automatic regions: re-segment every this many stage-2 steps (0 = never)
     refine_until: float = 0.7          # ... from the start step until this fraction of steps
     refine_clusters: int = 0           # k-means segments (0: concepts + 2)
+    auto_grow: float = 0.0             # found masks grow (> 0) or shrink by this many image pixels
 
 
 @dataclass
@@ -56,7 +57,10 @@ class Plan:
     regions: RegionWeights = field(repr=False)   # automatic concepts: full image until found
     image_regions: list[RegionWeights] | None = field(default=None, repr=False)   # per image, once found
     found_masks: torch.Tensor | None = field(default=None, repr=False)   # (B, n_auto, h, w) latent cells
-    attention_masks: torch.Tensor | None = field(default=None, repr=False)   # the first, attention-only masks
+    # how the automatic masks were found, for the save_layout outputs: (label, (B, n_auto, h, w)) in
+    # order (attention maps, attention masks, SAM, cleaned/grown, each refinement), and face boxes
+    mask_steps: list[tuple[str, torch.Tensor]] = field(default_factory=list, repr=False)
+    face_boxes: list | None = field(default=None, repr=False)   # per image: (k, 4) boxes in attention cells
 
     @property
     def auto_concepts(self) -> list[int]:
@@ -193,6 +197,7 @@ def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: An
     opts.feather = _number(opts.feather, "feather", 0.0)
     opts.auto_from = _number(opts.auto_from, "auto_from", 0.0, 1.0)
     opts.refine_until = _number(opts.refine_until, "refine_until", 0.0, 1.0)
+    opts.auto_grow = _number(opts.auto_grow, "auto_grow")
     for name in ("refine_every", "refine_clusters"):
         value = getattr(opts, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -120,7 +120,7 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
     try:
         plan = build_plan(prepared_concepts, image_hw, start_at=job.start_at, layout_replay=job.layout_replay,
                           self_attn_replay_until=job.self_attn_replay_until, feather=job.feather,
-                          refine_every=REFINE_EVERY if job.refine_regions else 0)
+                          refine_every=REFINE_EVERY if job.refine_regions else 0, auto_grow=job.auto_grow)
     except PlanError as exc:
         if isinstance(exc, JobError):
             raise

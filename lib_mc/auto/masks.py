@@ -1,4 +1,4 @@
-"""Attention maps of the layout pass -> one binary mask per automatic concept (pure torch/scipy).
+"""Attention maps of the layout pass -> one binary mask per automatic concept (torch; OpenCV clean-up).
 
 Concepts that watched different words compete: a cell goes to the concept whose normalised map
 is strongest there, if that clears the threshold. Concepts that share one occurrence of a word
@@ -13,11 +13,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
+
+from .postprocess import tidy
 
 THRESHOLD = 0.5        # of each map's range (maps arrive stretched to [0, 1])
-MIN_SHARE = 0.15       # a blob smaller than this share of the concept's largest blob is a speck
 FALLBACK_TOP = 0.1     # an empty mask keeps this fraction of its strongest cells
 
 
@@ -147,16 +146,7 @@ def _strip(h: int, w: int, j: int, k: int) -> torch.Tensor:
 
 def _tidy(mask: torch.Tensor) -> torch.Tensor:
     """Close small gaps, fill holes, drop specks."""
-    if mask.sum() == 0:
-        return mask
-    closed = -F.max_pool2d(-F.max_pool2d(mask[None, None], 3, 1, 1), 3, 1, 1)[0, 0]
-    filled = ndimage.binary_fill_holes(closed.numpy() > 0.5)
-    labels, count = ndimage.label(filled)
-    if count > 1:
-        sizes = ndimage.sum(filled, labels, range(1, count + 1))
-        keep = [i + 1 for i, size in enumerate(sizes) if size >= MIN_SHARE * sizes.max()]
-        filled = np.isin(labels, keep)
-    return torch.from_numpy(filled.astype(np.float32))
+    return torch.from_numpy(tidy(mask.numpy() > 0.5).astype(np.float32))
 
 
 def _strongest_cells(norm: torch.Tensor) -> torch.Tensor:

@@ -251,10 +251,12 @@ def _find_regions(p, state: JobState, first: torch.Tensor) -> None:
     groups = [plan.concepts[i].auto_group for i in plan.auto_concepts]
     shared_word = len(set(groups)) < len(groups)
     faces = webui_models.detect_faces(images, plan.regions.latent_hw, notes) if shared_word else None
-    found = session.find_regions(faces=faces)
+    found = session.find_regions(faces=faces, finish=False)
     refined = webui_models.refine(images, found, notes)
     if refined is not None:
-        plan.resolve_auto(refined)
+        session.finish_regions(refined, found_by="SAM")
+    else:
+        session.finish_regions(found)
     if notes:
         state.prepared.warnings.extend(n for n in notes if n not in state.prepared.warnings)
         p.extra_generation_params[WARNINGS_KEY] = "; ".join(state.prepared.warnings)

@@ -26,6 +26,7 @@ def axis_specs():
          lambda: ["True", "False"]),
         ("[Multi-Concept] Keep the layout's shapes until", float, _setter("self_attn_replay_until", float), None),
         ("[Multi-Concept] Mask feather", float, _setter("feather", float), None),
+        ("[Multi-Concept] Grow automatic regions (px)", float, _setter("auto_grow", float), None),
     ]
 
 

@@ -23,6 +23,7 @@ from .panel_state import (CONCEPT_FIELDS, MAX_UI_CONCEPTS, REGION_CHOICES, TOP_F
 
 ELEM = "multi_concept"
 HIDDEN = ["mc-hidden"]   # in the page for the canvas script, out of sight (style.css)
+MAX_GROW_SLIDER = 64   # px; the API takes up to MAX_GROW_PX
 TO_CANVAS_JS = "(job) => { if (window.MultiConcept) window.MultiConcept.fromJob(job); return []; }"
 
 
@@ -93,6 +94,9 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
             refine = gr.Checkbox(top["refine_regions"], label="Refine automatic regions while sampling",
                                  elem_id=f"{ELEM}_refine",
                                  info="Auto regions follow their subjects (self-attention segments)")
+            auto_grow = gr.Slider(-MAX_GROW_SLIDER, MAX_GROW_SLIDER, top["auto_grow"], step=1,
+                                  label="Grow automatic regions (px)", elem_id=f"{ELEM}_auto_grow",
+                                  info="Found masks grow (> 0) or shrink (< 0): room for hair, hats, outlines")
         gr.HTML(f'<div id="{ELEM}_canvas_slot" class="mc-canvas-slot"></div>')   # the region canvas mounts here
         canvas = gr.Textbox(top["canvas"], elem_id=f"{ELEM}_canvas_data", elem_classes=HIDDEN, show_label=False)
         with gr.Row():
@@ -109,7 +113,8 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
         job = gr.Textbox(compose(*defaults), elem_id=f"{ELEM}_job", elem_classes=HIDDEN, show_label=False)
         paste_box = gr.Textbox("", visible=False, elem_id=f"{ELEM}_paste")
 
-    controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, refine, count, canvas]
+    controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, refine, auto_grow, count,
+                canvas]
     controls += [c for row in rows for c in row]
     _wire(controls, job, paste_box, count, groups, rows, picks, refresh, refresh_lora_names or lora_names)
     _wire_canvas(controls, job, canvas)

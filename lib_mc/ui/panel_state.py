@@ -21,7 +21,8 @@ from ..regions import PRESETS
 
 MAX_UI_CONCEPTS = 6
 TOP_FIELDS = ("enabled", "mode", "start_at", "layout_replay", "self_attn_replay_until", "feather",
-              "save_layout", "refine_regions", "count", "canvas")
+              "save_layout", "refine_regions", "auto_grow", "count", "canvas")
+NUMBER_FIELDS = ("start_at", "self_attn_replay_until", "feather", "auto_grow")
 CONCEPT_FIELDS = ("name", "loras", "prompt", "negative_prompt", "class_word", "region", "x", "y", "w", "h",
                   "mask")
 DRAWN = "drawn"   # region control value: the region comes from the canvas
@@ -32,7 +33,7 @@ DEFAULT_PRESETS = ["left half", "right half", "middle third", "full", "full", "f
 def default_values() -> list:
     job = Job()
     top = [False, job.mode, job.start_at, job.layout_replay, job.self_attn_replay_until, job.feather,
-           job.save_layout, job.refine_regions, 2, ""]
+           job.save_layout, job.refine_regions, job.auto_grow, 2, ""]
     rows = []
     for i in range(MAX_UI_CONCEPTS):
         rows += [f"concept {i + 1}", "", "", "", "", DEFAULT_PRESETS[i], 0.0, 0.0, 1.0, 1.0, None]
@@ -117,6 +118,9 @@ def compose(*values) -> str:
     top = dict(zip(TOP_FIELDS, values[:len(TOP_FIELDS)]))
     count = max(1, min(MAX_UI_CONCEPTS, int(top.pop("count") or 1)))
     drawn, z = parse_canvas(top.pop("canvas"))
+    for key in NUMBER_FIELDS:   # sliders send 6 or 6.0 alike: one spelling in the JSON
+        if isinstance(top[key], (int, float)) and not isinstance(top[key], bool):
+            top[key] = float(top[key])
     z = z[:count] if len(z) >= count and None not in z[:count] else []
     if z == sorted(z) and len(set(z)) == len(z):
         z = []   # list order already is the front-to-back order: keep the JSON plain
@@ -207,7 +211,7 @@ def decompose(text: str) -> list | None:
     if None in z:   # partly given: an unranked concept ranks by its list index, as in the plan
         z = [c.z if c.z is not None else i for i, c in enumerate(shown)]
     values = [job.enabled, job.mode, job.start_at, job.layout_replay, job.self_attn_replay_until, job.feather,
-              job.save_layout, job.refine_regions, len(shown), canvas_text(drawn, z)]
+              job.save_layout, job.refine_regions, job.auto_grow, len(shown), canvas_text(drawn, z)]
     defaults = default_values()
     for i in range(MAX_UI_CONCEPTS):
         if i >= len(job.concepts):

@@ -189,3 +189,57 @@ def test_the_never_empty_fallback_keeps_masks_disjoint():
     found = masks_from_maps(maps, [0, 1])
     assert (found[0].sum(0) <= 1).all()
     assert found[0, 0].sum() > 0 and found[0, 1].sum() > 0
+
+
+def test_auto_grow_widens_found_masks_by_image_pixels_and_every_step_is_kept():
+    left, right = cells(3, 1, 13, 6), cells(2, 10, 12, 15)
+    unet = plant(make_unet(), [2, 5], [[left, right]])
+    concepts = [dict(name="a", cond=random_context(3), auto_tokens=[2]),
+                dict(name="b", cond=random_context(4), auto_tokens=[5])]
+    plain = auto_plan(concepts)
+    run_two_stages(unet, plain)
+    grown = auto_plan(concepts, auto_grow=16.0)   # 16 image px = 2 latent cells
+    run_two_stages(unet, grown)
+    before, after = plain.found_masks[0] > 0.5, grown.found_masks[0] > 0.5
+    assert (after >= before).all() and (after.sum((1, 2)) > before.sum((1, 2))).all()
+    assert (after[0] & after[1]).sum() == 0
+    # a cell two rows above concept a's top edge is reached; three rows above is not
+    top = int(before[0].float().sum(1).nonzero()[0])
+    column = int(before[0][top].nonzero()[0])
+    assert top >= 2 and after[0, top - 2, column] and (top < 3 or not after[0, top - 3, column])
+    assert [label for label, _ in grown.mask_steps] == ["attention", "attention masks", "cleaned, grown +16 px"]
+    assert [label for label, _ in plain.mask_steps] == ["attention", "attention masks"]
+    maps = grown.mask_steps[0][1]
+    assert maps.shape == (1, 2, 16, 16) and maps.min() >= 0 and maps.max() <= 1
+    assert torch.equal(grown.mask_steps[-1][1], grown.found_masks)
+
+
+def test_a_bad_auto_grow_is_named():
+    with pytest.raises(PlanError, match="auto_grow"):
+        auto_plan([dict(name="a", cond=random_context(3), auto_tokens=[2])], auto_grow="wide")
+
+
+def test_sam_masks_from_the_host_are_a_step_of_their_own_and_grow_in_image_pixels():
+    unet = plant(make_unet(), [2, 5], [[cells(3, 1, 13, 6), cells(2, 10, 12, 15)]])
+    plan = auto_plan([dict(name="a", cond=random_context(3), auto_tokens=[2]),
+                      dict(name="b", cond=random_context(4), auto_tokens=[5])], auto_grow=4.0)
+    host = CFGHost(TinyLDM(unet), random_context(1), random_context(2))
+    session = MultiConceptSession(unet, plan)
+    host.route = session.denoise
+    with session.stage1():
+        sample(host, "euler", steps=6)
+    attention = session.find_regions(finish=False)          # what a host's SAM starts from
+    assert [label for label, _ in plan.mask_steps] == ["attention", "attention masks"]
+    sam = torch.zeros(1, 2, *IMAGE)                         # SAM's image-resolution masks
+    sam[0, 0, 30:90, 10:40] = 1
+    sam[0, 1, 30:90, 80:110] = 1
+    sam[0, 0, 50:55, 20:25] = 0                             # a hole SAM left
+    final = session.finish_regions(sam, found_by="SAM")
+    assert [label for label, _ in plan.mask_steps] == ["attention", "attention masks", "SAM", "cleaned, grown +4 px"]
+    assert attention.shape[-2:] == (16, 16) and final.shape == (1, 2, *IMAGE)
+    assert final[0, 0, 50:55, 20:25].min() == 1              # filled
+    assert final[0, 0, 26, 25] == 1 and final[0, 0, 25, 25] == 0   # 4 px above the top edge (row 30), not 5
+    assert torch.equal(plan.found_masks, final) and plan.image_regions is not None
+    with session.stage2():                                  # the host found them: stage 2 keeps them
+        sample(host, "euler", steps=6)
+    assert torch.equal(plan.found_masks, final)

@@ -75,6 +75,10 @@ def test_refinement_moves_an_off_mask_onto_the_subject_self_attention_groups():
     assert iou(after) > iou(before) and iou(after) >= 0.75
     assert rows.calls == 4   # refinement adds no UNet call: steps 2-5 blended, one call each
     assert session._refined_steps == {2, 3}   # from the start step until 70% of 6 steps
+    # each refinement is a step of the save_layout sheet (1-based step numbers, as the WebUI counts)
+    assert [label for label, _ in plan.mask_steps] == ["attention", "attention masks",
+                                                       "refined at step 3", "refined at step 4"]
+    assert torch.equal(plan.mask_steps[-1][1], plan.found_masks)
 
 
 def test_two_concepts_choosing_one_segment_keep_their_masks():

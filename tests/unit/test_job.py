@@ -33,6 +33,8 @@ def test_empty_argument_means_disabled_and_unknown_keys_are_ignored():
 
 @pytest.mark.parametrize("change, field, problem", [
     ({"start_at": 2}, "start_at", "<= 1"),
+    ({"auto_grow": 500}, "auto_grow", "<= 128"),
+    ({"auto_grow": "wide"}, "auto_grow", "must be a number"),
     ({"start_at": "soon"}, "start_at", "must be a number"),
     ({"enabled": "yes"}, "enabled", "true or false"),
     ({"mode": "magic"}, "mode", "must be one of blend"),

@@ -1,10 +1,10 @@
-"""save_layout outputs: each layout image, its regions, and for automatic regions that were
-refined, the attention masks they started from (each step visible)."""
+"""save_layout outputs: each layout image, its regions, and for automatic regions a sheet with
+every step of finding them."""
 
 import torch
 from torch import nn
 
-from lib_mc.hosts.layout_images import layout_outputs
+from lib_mc.hosts.layout_images import LABEL_HEIGHT, layout_outputs
 from lib_mc.plan import build_plan
 from tinyhost import random_context
 
@@ -20,23 +20,46 @@ class LatentAsImage(nn.Module):
         return nn.functional.interpolate(x[:, :3], scale_factor=8)
 
 
-def test_outputs_per_image_with_found_and_first_masks():
-    plan = build_plan([dict(name="auto", cond=random_context(1), auto_tokens=[1]),
-                       dict(name="drawn", cond=random_context(2), mask=torch.zeros(64, 64).index_fill_(0, torch.arange(56, 64), 1))],
-                      (64, 64))
-    first = torch.zeros(2, 1, 8, 8)
-    first[0, 0, :, :4] = 1
-    first[1, 0, :, 4:] = 1
-    plan.resolve_auto(first)
-    plan.attention_masks = first
+def _plan():
+    return build_plan([dict(name="auto", cond=random_context(1), auto_tokens=[1]),
+                       dict(name="drawn", cond=random_context(2),
+                            mask=torch.zeros(64, 64).index_fill_(0, torch.arange(56, 64), 1))], (64, 64))
+
+
+def _reddish(pixel) -> bool:
+    return pixel[0] > pixel[1] + 40
+
+
+def test_outputs_per_image_with_its_found_masks_and_every_step_of_finding_them():
+    plan = _plan()
     latents = torch.zeros(2, 4, 8, 8)   # grey layout images
-    assert len(layout_outputs(LatentAsImage(), [(latents, plan)], ["auto", "drawn"])) == 4   # unchanged: no extra
-    refined = first.clone()
-    refined[0, 0, 0, :] = 1
+    assert len(layout_outputs(LatentAsImage(), [(latents, plan)], ["auto", "drawn"])) == 4   # drawn only: no sheet
+    attention = torch.zeros(2, 1, 8, 8)
+    attention[0, 0, :, :4] = 1
+    attention[1, 0, :, 4:] = 1
+    sam = torch.zeros(2, 1, 64, 64)
+    sam[:, 0, 40:, :] = 1            # SAM moved both to the bottom
+    refined = torch.zeros(2, 1, 2, 2)
+    refined[:, 0, 0, 1] = 1          # refinement: top right quarter
     plan.resolve_auto(refined)
+    plan.mask_steps = [("attention", attention * 0.7), ("attention masks", attention), ("SAM", sam),
+                       ("refined at step 5", refined)]
+    plan.face_boxes = [torch.tensor([[0.0, 0.0, 2.0, 2.0]]), torch.zeros(0, 4)]
     images = layout_outputs(LatentAsImage(), [(latents, plan)], ["auto", "drawn"])
-    assert len(images) == 6 and all(im.size == (64, 64) for im in images)
-    # each image's overlay shows its own masks: the auto concept (red) is left in image 0, right in 1
-    red_left = [images[k].getpixel((20, 45)) for k in (1, 4)]
-    assert red_left[0][0] > red_left[0][1] + 40 and abs(red_left[1][0] - red_left[1][1]) < 10
-    assert images[2].getpixel((20, 45)) == images[1].getpixel((20, 45))   # the first masks' overlay
+    assert len(images) == 6
+    layout, regions, sheet = images[:3]
+    assert layout.size == regions.size == (64, 64)
+    assert sheet.size == (3 * 64, 2 * (64 + LABEL_HEIGHT))   # 4 panels, 3 columns
+
+    def panel(sheet, k, x, y):
+        return sheet.getpixel(((k % 3) * 64 + x, (k // 3) * (64 + LABEL_HEIGHT) + LABEL_HEIGHT + y))
+    # image 0: attention on the left, SAM at the bottom, refined top right; the final regions are the refined ones
+    assert _reddish(panel(sheet, 1, 10, 30)) and not _reddish(panel(sheet, 1, 50, 30))
+    assert _reddish(panel(sheet, 2, 50, 50)) and not _reddish(panel(sheet, 2, 10, 30))
+    assert _reddish(panel(sheet, 3, 50, 20)) and not _reddish(panel(sheet, 3, 10, 50))
+    assert _reddish(regions.getpixel((50, 20))) and not _reddish(regions.getpixel((10, 30)))
+    # the face box (cells 0-2 = pixels 0-16) is outlined in yellow on the attention-masks panel only
+    assert panel(sheet, 1, 16, 8) == (255, 255, 0) and panel(sheet, 2, 16, 8) != (255, 255, 0)
+    # image 1 gets its own steps: its attention was on the right
+    sheet1 = images[5]
+    assert _reddish(panel(sheet1, 1, 50, 30)) and not _reddish(panel(sheet1, 1, 10, 30))

@@ -5,7 +5,6 @@ import io
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from lib_mc.job import JobError, parse_job
@@ -33,6 +32,7 @@ def test_controls_round_trip_through_json():
     values[TOP_FIELDS.index("start_at")] = 0.45
     values[TOP_FIELDS.index("count")] = 3
     values[TOP_FIELDS.index("refine_regions")] = True
+    values[TOP_FIELDS.index("auto_grow")] = -6
     mask = Image.new("L", (64, 48), 0)
     mask.paste(255, (10, 10, 30, 40))
     set_row(values, 0, loras="alice_v1:0.8, freckles:0.3", prompt="photo of alice", class_word="woman")
@@ -41,6 +41,7 @@ def test_controls_round_trip_through_json():
     text = compose(*values)
     job = parse_job(text)
     assert job.enabled and job.start_at == 0.45 and len(job.concepts) == 3 and job.refine_regions
+    assert job.auto_grow == -6
     assert [(r.name, r.weight) for r in job.concepts[0].loras] == [("alice_v1", 0.8), ("freckles", 0.3)]
     assert (job.concepts[1].region.type, job.concepts[1].region.y) == ("rect", 0.1)
     drawn = region_mask(job.concepts[2].region, (48, 64), "m")

@@ -11,5 +11,6 @@ def test_axes_cover_enabled_and_start_at_and_accumulate_overrides():
     specs["[Multi-Concept] Start blending at"][1](p, "0.45", None)
     specs["[Multi-Concept] Enabled"][1](p, "False", None)
     specs["[Multi-Concept] Keep the layout (attention replay)"][1](p, "True", None)
-    assert getattr(p, XYZ_ATTR) == {"start_at": 0.45, "enabled": False, "layout_replay": True}
+    specs["[Multi-Concept] Grow automatic regions (px)"][1](p, "-8", None)
+    assert getattr(p, XYZ_ATTR) == {"start_at": 0.45, "enabled": False, "layout_replay": True, "auto_grow": -8.0}
     assert specs["[Multi-Concept] Enabled"][2]() == ["True", "False"]

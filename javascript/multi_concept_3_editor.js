@@ -13,12 +13,15 @@
 
     // Python's echo of an exported region: rects within rounding (presets are exact thirds), an
     // emptied region comes back as an empty mask.
+    // An automatic region with a box ("auto in rectangle") shows and compares as its rectangle.
+    const boxed = (r) => !!r && r.type === "auto" && r.w !== undefined;
+
     function sameRegion(a, b) {
-        const empty = (r) => !r || r.type === "auto" || (r.type === "mask" && !r.png);
+        const empty = (r) => !r || (r.type === "auto" && !boxed(r)) || (r.type === "mask" && !r.png);
         if (empty(a) || empty(b)) return empty(a) && empty(b);
         if (a.type !== b.type) return false;
         const unset = {x: 0, y: 0, w: 1, h: 1};
-        if (a.type === "rect") return Object.keys(unset).every((k) => Math.abs((a[k] ?? unset[k]) - (b[k] ?? unset[k])) < 1e-3);
+        if (a.type === "rect" || a.type === "auto") return Object.keys(unset).every((k) => Math.abs((a[k] ?? unset[k]) - (b[k] ?? unset[k])) < 1e-3);
         return a.png === b.png;
     }
 
@@ -131,17 +134,17 @@
                 const region = spec.region || {};
                 // Until it is edited, the editor hands back the job's own region (an uploaded
                 // mask stays byte-identical instead of being re-encoded at canvas size).
-                concept.source = region.type === "rect" || region.type === "mask" ? region : null;
+                concept.source = region.type === "rect" || region.type === "mask" || boxed(region) ? region : null;
                 const token = concept.loadToken = {};   // only the newest load may land
                 const loaded = () => { concept.sourceVersion = concept.layer.version; };
-                if (region.type === "rect") {
+                if (region.type === "rect" || boxed(region)) {
                     concept.layer.setFractionRect(region.x ?? 0, region.y ?? 0, region.w ?? 1, region.h ?? 1);
                     loaded();
                 } else if (region.type === "mask" && region.png) {
                     pending.push(concept.layer.fromPng(region.png, () => concept.loadToken === token)
                         .then((done) => { if (done) loaded(); }));
                 } else {
-                    concept.layer.clear();   // auto: found after the layout pass
+                    concept.layer.clear();   // auto without a box: found after the layout pass
                     loaded();
                 }
             });

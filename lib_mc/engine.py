@@ -226,7 +226,8 @@ class MultiConceptSession:
                               "(is the recording window empty? auto_from too close to 1)")
         maps = self.recorder.maps(regions.latent_hw, regions.grids)
         auto = [self.plan.concepts[i] for i in self.plan.auto_concepts]
-        found = masks_from_maps(maps, [c.auto_group for c in auto], hints=[c.auto_hint for c in auto], faces=faces)
+        found = masks_from_maps(maps, [c.auto_group for c in auto], hints=[c.auto_hint for c in auto], faces=faces,
+                                boxes=[c.auto_box for c in auto])
         self.plan.mask_steps = [("attention", stretch(maps)), ("attention masks", found)]
         self.plan.face_boxes = faces
         self.plan.resolve_auto(found)

@@ -31,7 +31,7 @@ def job_to_infotext(job: Job) -> str:
         if not concept["loras"]:
             del concept["loras"]
         region = concept["region"]
-        if region["type"] == "rect":
+        if "w" in region:   # a rect, or the box an automatic region searched in
             for key in ("x", "y", "w", "h"):
                 region[key] = round(region[key], 4)
         elif region["type"] == "mask":

@@ -41,6 +41,7 @@ class Region:
     h: float = 1.0
     png: str = ""                   # mask: base64 PNG, white = inside
     found: str = ""                 # auto: the mask found for the image (infotext), base64 PNG
+    boxed: bool = False             # auto: the subject is searched inside x, y, w, h
 
 
 @dataclass
@@ -79,9 +80,9 @@ class Job:
 
 def _concept_dict(c: ConceptSpec) -> dict:
     region = {"type": c.region.type}
-    if c.region.type == "rect":
+    if c.region.type == "rect" or c.region.boxed:
         region.update(x=c.region.x, y=c.region.y, w=c.region.w, h=c.region.h)
-    elif c.region.type == "mask":
+    if c.region.type == "mask":
         region["png"] = c.region.png
     elif c.region.found:
         region["found"] = c.region.found
@@ -132,13 +133,7 @@ def _region(data: Any, path: str) -> Region:
         raise JobError(path.rstrip("."), "must be an object with a 'type'")
     kind = data.get("type")
     if kind == "rect":
-        region = Region("rect", *(_num(data, k, d, path, 0.0, 1.0) for k, d in
-                                  (("x", 0.0), ("y", 0.0), ("w", 1.0), ("h", 1.0))))
-        if region.w == 0 or region.h == 0:
-            raise JobError(path + ("w" if region.w == 0 else "h"), "must be > 0: the region is empty")
-        if region.x + region.w > 1.0001 or region.y + region.h > 1.0001:
-            raise JobError(path.rstrip("."), "reaches outside the image (x + w and y + h must be <= 1)")
-        return region
+        return _rect(data, path, Region("rect"))
     if kind == "mask":
         png = data.get("png")
         if isinstance(png, str) and not png.strip():
@@ -151,8 +146,22 @@ def _region(data: Any, path: str) -> Region:
         return Region("mask", png=png)
     if kind == "auto":   # "found": what an earlier run found here (pasted infotext); never required
         found = data.get("found")
-        return Region("auto", found=found if isinstance(found, str) and 0 < len(found) <= MAX_MASK_PNG_BYTES else "")
+        region = Region("auto", found=found if isinstance(found, str) and 0 < len(found) <= MAX_MASK_PNG_BYTES else "")
+        if any(key in data for key in ("x", "y", "w", "h")):   # a box to search in
+            region.boxed = True
+            _rect(data, path, region)
+        return region
     raise JobError(path + "type", f"must be 'rect', 'mask' or 'auto', got {kind!r}")
+
+
+def _rect(data: Mapping, path: str, region: Region) -> Region:
+    region.x, region.y, region.w, region.h = (_num(data, k, d, path, 0.0, 1.0) for k, d in
+                                              (("x", 0.0), ("y", 0.0), ("w", 1.0), ("h", 1.0)))
+    if region.w == 0 or region.h == 0:
+        raise JobError(path + ("w" if region.w == 0 else "h"), "must be > 0: the region is empty")
+    if region.x + region.w > 1.0001 or region.y + region.h > 1.0001:
+        raise JobError(path.rstrip("."), "reaches outside the image (x + w and y + h must be <= 1)")
+    return region
 
 
 def _loras(data: Any, path: str) -> list[LoraRef]:

@@ -33,6 +33,7 @@ class Concept:
     auto_tokens: list[int] | None = None  # automatic region: base-prompt context positions of its class word
     auto_group: int = -1               # automatic concepts with the same group share those tokens
     auto_hint: str = ""                # which part of a shared word's area: "left", "right", "largest"
+    auto_box: tuple[float, float, float, float] | None = None   # the subject is inside (x, y, w, h), fractions
 
 
 @dataclass
@@ -180,7 +181,19 @@ def _concept(item: Any, i: int) -> Concept:
         auto_tokens=None if auto is None else list(auto),
         auto_group=int(item.get("auto_group", i)),
         auto_hint=str(item.get("auto_hint") or ""),
+        auto_box=_box(item.get("auto_box"), f"{name}.auto_box"),
     )
+
+
+def _box(value: Any, name: str) -> tuple[float, float, float, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Sequence) or len(value) != 4:
+        raise PlanError(name, f"must be (x, y, w, h) fractions of the image, got {value!r}")
+    x, y, w, h = (_number(v, name, 0.0, 1.0) for v in value)
+    if w <= 0 or h <= 0 or x + w > 1.0001 or y + h > 1.0001:
+        raise PlanError(name, f"must be a non-empty box inside the image, got {tuple(value)}")
+    return x, y, w, h
 
 
 def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: Any) -> Plan:

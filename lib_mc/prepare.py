@@ -111,7 +111,8 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
             te_loras.append((lora, weight))
         cond = services.encode(prompt, te_loras)
         uncond = services.encode(negative, te_loras) if spec.negative_prompt else None
-        region = dict(auto_tokens=auto_tokens[i][0], auto_group=auto_tokens[i][1], auto_hint=_hint(spec.name)) \
+        region = dict(auto_tokens=auto_tokens[i][0], auto_group=auto_tokens[i][1], auto_hint=_hint(spec.name),
+                      auto_box=_box(spec.region)) \
             if i in auto_tokens else \
             dict(mask=region_mask(spec.region, image_hw, f"{where}.region"))
         prepared_concepts.append(dict(name=spec.name, cond=cond, uncond=uncond, loras=uses, z=spec.z, **region))
@@ -153,6 +154,10 @@ def _auto_tokens(job: Job, base_prompt: str, services: HostServices) -> dict[int
     picked = assign_occurrences(words, occurrences)
     groups: dict[tuple[int, ...], int] = {}
     return {i: (tokens, groups.setdefault(tuple(tokens), len(groups))) for i, tokens in zip(auto, picked)}
+
+
+def _box(region) -> tuple[float, float, float, float] | None:
+    return (region.x, region.y, region.w, region.h) if region.boxed else None
 
 
 def _hint(name: str) -> str:

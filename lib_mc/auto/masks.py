@@ -4,7 +4,10 @@ Concepts that watched different words compete: a cell goes to the concept whose 
 is strongest there, if that clears the threshold. Concepts that share one occurrence of a word
 ("two men" with one "men") split its area: by the faces found in the layout image when there
 are enough (each cell goes to the nearest face), else by k-means on cell positions; a concept hinted
-"left", "right" or "largest" takes that part, the others go left to right in list order. Holes are filled, specks dropped, and a mask is never empty (its strongest cells remain).
+"left", "right" or "largest" takes that part, the others go left to right in list order. A
+concept given a box (a rectangle drawn for an automatic region) is only looked for inside it:
+its map is cut to the box, and concepts sharing a word, all boxed, split the word's area by box.
+Holes are filled, specks dropped, and a mask is never empty (its strongest cells remain).
 """
 
 from __future__ import annotations
@@ -32,16 +35,42 @@ def stretch(maps: torch.Tensor) -> torch.Tensor:
 
 
 def masks_from_maps(maps: torch.Tensor, groups: Sequence[int], threshold: float = THRESHOLD,
-                    hints: Sequence[str] | None = None, faces: Sequence | None = None) -> torch.Tensor:
+                    hints: Sequence[str] | None = None, faces: Sequence | None = None,
+                    boxes: Sequence | None = None) -> torch.Tensor:
     """maps: (B, n, h, w) attention per concept; groups[i]: concepts with the same group id
     watched the same tokens; hints[i]: "", "left", "right" or "largest". Returns (B, n, h, w)
-    float masks in {0, 1}, disjoint per image. faces[b]: (k, 4) face boxes of image b in map cells."""
+    float masks in {0, 1}, disjoint per image. faces[b]: (k, 4) face boxes of image b in map cells;
+    boxes[i]: None or (x, y, w, h) image fractions the concept must lie in."""
     out = torch.zeros_like(maps, dtype=torch.float32)
-    hints = list(hints) if hints is not None else [""] * maps.shape[1]
+    n, h, w = maps.shape[1:]
+    hints = list(hints) if hints is not None else [""] * n
+    boxes = list(boxes) if boxes is not None else [None] * n
+    inside = torch.stack([box_cells(box, (h, w)) for box in boxes])
+    for i, box in enumerate(boxes):   # a free concept leaves a boxed one sharing its word its box
+        if box is None:
+            siblings = [j for j in range(n) if groups[j] == groups[i] and boxes[j] is not None]
+            outside = ~inside[siblings].any(0) if siblings else inside[i]
+            inside[i] = outside if outside.any() else inside[i]
+    boxed = [box is not None for box in boxes]
     for b in range(maps.shape[0]):
         image_faces = faces[b] if faces is not None and b < len(faces) else None
-        out[b] = _one_image(maps[b].float(), list(groups), threshold, hints, image_faces)
+        out[b] = _one_image(maps[b].float() * inside, list(groups), threshold, hints, image_faces, inside, boxed)
     return out
+
+
+def box_cells(box, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """(h, w) bool: the cells whose centres lie in the (x, y, w, h) box (all for None; at least
+    the cell under the box's centre)."""
+    h, w = grid_hw
+    if box is None:
+        return torch.ones(h, w, dtype=torch.bool)
+    x, y, bw, bh = box
+    cy, cx = (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w
+    rows, cols = (cy >= y) & (cy <= y + bh), (cx >= x) & (cx <= x + bw)
+    cells = rows[:, None] & cols[None, :]
+    if not cells.any():
+        cells[min(h - 1, int((y + bh / 2) * h)), min(w - 1, int((x + bw / 2) * w))] = True
+    return cells
 
 
 def _assign(parts: list[torch.Tensor], members: list[int], hints: list[str]) -> dict[int, torch.Tensor]:
@@ -61,7 +90,8 @@ def _assign(parts: list[torch.Tensor], members: list[int], hints: list[str]) -> 
     return chosen
 
 
-def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: list[str], faces=None) -> torch.Tensor:
+def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: list[str], faces,
+               inside: torch.Tensor, boxed: list[bool]) -> torch.Tensor:
     n, h, w = maps.shape
     norm = stretch(maps)   # a flat map (no subject) becomes all 0
     owner = norm.argmax(0)
@@ -69,17 +99,20 @@ def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: l
     masks = torch.zeros(n, h, w)
     for gid in dict.fromkeys(groups):
         members = [i for i, g in enumerate(groups) if g == gid]
-        area = (strongest > threshold) & (owner == members[0])   # members share one map
-        if len(members) == 1:
-            masks[members[0]] = area.float()
-        else:
-            parts = _split_by_faces(area, faces, len(members))
+        # a boxed member's map is cut to its box, so it wins its own cells; the free members
+        # share one map (the first of them owns its cells) and split that area
+        free = [m for m in members if not boxed[m]]
+        for member in [m for m in members if boxed[m]] + free[:1]:
+            masks[member] = ((strongest > threshold) & (owner == member)).float()
+        if len(free) > 1:
+            area = masks[free[0]] > 0
+            parts = _split_by_faces(area, faces, len(free))
             if parts is None:
-                parts = _split(area, norm[members[0]], len(members))
-            for member, part in _assign(parts, members, hints).items():
+                parts = _split(area, norm[free[0]], len(free))
+            for member, part in _assign(parts, free, hints).items():
                 masks[member] = part
     for i in range(n):
-        masks[i] = _tidy(masks[i])
+        masks[i] = _tidy(masks[i]) * inside[i]
     # tidying may have grown masks into each other: the stronger map keeps a contested cell
     taken = torch.zeros(h, w, dtype=torch.bool)
     for i in sorted(range(n), key=lambda i: -float((norm[i] * masks[i]).sum() / masks[i].sum().clamp_min(1))):
@@ -87,7 +120,7 @@ def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: l
         taken |= masks[i] > 0
     for i in range(n):   # nothing found: the strongest cells nobody else holds
         if masks[i].sum() == 0:
-            masks[i] = _strongest_cells(norm[i].masked_fill(taken, -1.0)) * (~taken).float()
+            masks[i] = _strongest_cells(norm[i].masked_fill(taken | ~inside[i], -1.0)) * (~taken & inside[i]).float()
             if masks[i].sum() == 0:   # everything is held: take its strongest cell from its holder
                 cell = int(norm[i].flatten().argmax())
                 masks.view(n, -1)[:, cell] = 0

@@ -1,7 +1,7 @@
 """Segment Anything on the layout image: the attention masks become precise subject masks.
 
-Each automatic concept prompts SAM with the box around its attention mask, a point inside it and
-the other concepts' points as background; of SAM's three candidates the one that agrees best
+Each automatic concept prompts SAM with the box around its attention mask (or the box the user
+drew for it), a point inside it and the other concepts' points as background; of SAM's three candidates the one that agrees best
 with the attention mask wins. Checkpoints are the official files (`models/sam`, the folder
 sd-webui-segment-anything uses), loaded with `weights_only=True`.
 """
@@ -118,8 +118,9 @@ def _prompt(coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def refine(predictor, image: np.ndarray, coarse: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """image: (H, W, 3) uint8 layout image; coarse: (n, h, w) attention masks of one image.
+def refine(predictor, image: np.ndarray, coarse: torch.Tensor, boxes=None) -> tuple[torch.Tensor, list[str]]:
+    """image: (H, W, 3) uint8 layout image; coarse: (n, h, w) attention masks of one image;
+    boxes[i]: None or the (x, y, w, h) image fractions drawn for concept i, SAM's box prompt.
     Returns (n, H, W) disjoint masks and notes on concepts where attention was kept."""
     h, w = image.shape[:2]
     up = F.interpolate(coarse[None].float(), size=(h, w), mode="nearest")[0].numpy() > 0.5
@@ -131,6 +132,9 @@ def refine(predictor, image: np.ndarray, coarse: torch.Tensor) -> tuple[torch.Te
             refined.append(mask)
             continue
         box, point = prompts[i]
+        if boxes is not None and boxes[i] is not None:
+            x, y, bw, bh = boxes[i]
+            box = np.array([x * w, y * h, (x + bw) * w, (y + bh) * h], dtype=np.float32)
         others = [p[1] for j, p in enumerate(prompts) if j != i and p is not None]
         points = np.stack([point] + others)
         labels = np.array([1] + [0] * len(others))

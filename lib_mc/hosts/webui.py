@@ -252,7 +252,7 @@ def _find_regions(p, state: JobState, first: torch.Tensor) -> None:
     shared_word = len(set(groups)) < len(groups)
     faces = webui_models.detect_faces(images, plan.regions.latent_hw, notes) if shared_word else None
     found = session.find_regions(faces=faces, finish=False)
-    refined = webui_models.refine(images, found, notes)
+    refined = webui_models.refine(images, found, notes, [plan.concepts[i].auto_box for i in plan.auto_concepts])
     if refined is not None:
         session.finish_regions(refined, found_by="SAM")
     else:

@@ -94,8 +94,10 @@ def register_settings() -> None:
     script_callbacks.on_ui_settings(add)
 
 
-def refine(images: Callable[[], list[np.ndarray]], found: torch.Tensor, warnings: list[str]) -> torch.Tensor | None:
-    """(B, n, h, w) attention masks -> (B, n, H, W) SAM masks, or None (attention it is)."""
+def refine(images: Callable[[], list[np.ndarray]], found: torch.Tensor, warnings: list[str],
+           boxes=None) -> torch.Tensor | None:
+    """(B, n, h, w) attention masks -> (B, n, H, W) SAM masks, or None (attention it is).
+    boxes[i]: the box drawn for automatic concept i (fractions), SAM's box prompt."""
     choice = getattr(shared.opts, SETTING, "auto") if hasattr(shared, "opts") else "auto"
     if choice == "none":
         return None
@@ -109,7 +111,7 @@ def refine(images: Callable[[], list[np.ndarray]], found: torch.Tensor, warnings
         predictor = MODELS.predictor(path, devices.device)
         masks = []
         for b, image in enumerate(images()):
-            refined, notes = sam.refine(predictor, image, found[b])
+            refined, notes = sam.refine(predictor, image, found[b], boxes)
             masks.append(refined)
             warnings.extend(notes)
         return torch.stack(masks)

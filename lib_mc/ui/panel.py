@@ -53,8 +53,9 @@ def _concept_row(i: int, defaults: list, lora_choices: list[str]):
                                     info="The word in the main prompt this concept stands for, e.g. woman")
         with gr.Row():
             region = gr.Dropdown(REGION_CHOICES, value=d["region"], label="Region", elem_id=f"{ELEM}_region_{i}",
-                                 info="Where this concept goes: a preset, a rectangle, drawn on the canvas "
-                                      "or an uploaded mask")
+                                 info="Where this concept goes: a preset, a rectangle, drawn on the canvas, "
+                                      "an uploaded mask, auto (found by its class word) or auto in rectangle "
+                                      "(found inside the rectangle you draw)")
             x = gr.Number(d["x"], label="x", elem_id=f"{ELEM}_x_{i}", info="left edge, 0-1")
             y = gr.Number(d["y"], label="y", elem_id=f"{ELEM}_y_{i}", info="top edge, 0-1")
             w = gr.Number(d["w"], label="width", elem_id=f"{ELEM}_w_{i}", info="0-1")

@@ -26,7 +26,8 @@ NUMBER_FIELDS = ("start_at", "self_attn_replay_until", "feather", "auto_grow")
 CONCEPT_FIELDS = ("name", "loras", "prompt", "negative_prompt", "class_word", "region", "x", "y", "w", "h",
                   "mask")
 DRAWN = "drawn"   # region control value: the region comes from the canvas
-REGION_CHOICES = list(PRESETS) + ["rectangle", DRAWN, "mask", "auto"]
+AUTO_BOX = "auto in rectangle"   # found by its class word inside the rectangle (x, y, w, h)
+REGION_CHOICES = list(PRESETS) + ["rectangle", DRAWN, "mask", "auto", AUTO_BOX]
 DEFAULT_PRESETS = ["left half", "right half", "middle third", "full", "full", "full"]
 
 
@@ -90,7 +91,7 @@ def parse_canvas(text) -> tuple[list, list]:
         return [], []
     regions = data.get("regions") if isinstance(data.get("regions"), list) else []
     z = data.get("z") if isinstance(data.get("z"), list) else []
-    if not all(r is None or (isinstance(r, dict) and r.get("type") in ("rect", "mask")) for r in regions):
+    if not all(r is None or (isinstance(r, dict) and r.get("type") in ("rect", "mask", "auto")) for r in regions):
         return [], []   # not from our editor: ignore it whole rather than guess
     z = [v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in z]
     return regions, z
@@ -110,6 +111,8 @@ def _region(kind: str, x, y, w, h, mask, drawn=None) -> dict:
         return {"type": "rect", "x": x, "y": y, "w": w, "h": h}
     if kind == "mask":
         return {"type": "mask", "png": _image_to_png(mask)}
+    if kind == AUTO_BOX:
+        return {"type": "auto", "x": x, "y": y, "w": w, "h": h}
     return {"type": "auto"}
 
 
@@ -144,7 +147,7 @@ def compose(*values) -> str:
 def _same_region(a: dict, b: dict) -> bool:
     if a.get("type") != b.get("type"):
         return False
-    if a["type"] == "rect":
+    if a["type"] == "rect" or (a["type"] == "auto" and ("w" in a or "w" in b)):
         unset = {"x": 0.0, "y": 0.0, "w": 1.0, "h": 1.0}
         value = lambda r, k: float(r[k]) if r.get(k) is not None else unset[k]   # noqa: E731
         return all(abs(value(a, k) - value(b, k)) < 1e-3 for k in "xywh")
@@ -166,13 +169,18 @@ def apply_canvas(*values) -> list:
         current = values[at["region"]]
         if current == "auto" and regions[i] is None:
             continue   # found after the layout pass: nothing to draw yet
+        if current == AUTO_BOX and regions[i] is None:
+            values[at["region"]] = "auto"   # its rectangle was erased: search the whole image
+            continue
         if current not in (DRAWN, "auto") and regions[i] is not None and _same_region(
                 regions[i], _region(current, *(values[at[k]] for k in ("x", "y", "w", "h", "mask")))):
             continue
         region = regions[i]
+        if region is not None and region["type"] == "auto":
+            continue   # the editor handing back a job's own automatic region: nothing drawn
         if region is not None and region["type"] == "rect":
             r = Region("rect", *(float(region.get(k, d)) for k, d in (("x", 0), ("y", 0), ("w", 1), ("h", 1))))
-            values[at["region"]] = _preset_of(r)
+            values[at["region"]] = AUTO_BOX if current == AUTO_BOX else _preset_of(r)
             values[at["x"]], values[at["y"]], values[at["w"]], values[at["h"]] = r.x, r.y, r.w, r.h
         else:
             values[at["region"]] = DRAWN
@@ -191,6 +199,8 @@ def _region_json(region: Region) -> dict | None:
         return {"type": "rect", "x": region.x, "y": region.y, "w": region.w, "h": region.h}
     if region.type == "mask":
         return {"type": "mask", "png": region.png}
+    if region.boxed:
+        return {"type": "auto", "x": region.x, "y": region.y, "w": region.w, "h": region.h}
     return None
 
 
@@ -220,7 +230,8 @@ def decompose(text: str) -> list | None:
             continue
         c = job.concepts[i]
         r = c.region
-        kind = {"rect": _preset_of(r), "mask": DRAWN, "auto": DRAWN if r.found else "auto"}[r.type]
+        kind = {"rect": _preset_of(r), "mask": DRAWN,
+                "auto": DRAWN if r.found else (AUTO_BOX if r.boxed else "auto")}[r.type]
         values += [c.name, format_loras(c.loras), c.prompt, c.negative_prompt, c.class_word, kind,
                    r.x, r.y, r.w, r.h, None]
     return values

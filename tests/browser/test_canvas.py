@@ -247,3 +247,29 @@ def test_a_size_set_from_python_while_the_panel_is_closed_shows_when_it_opens(pa
     page.click('#multi_concept [data-concept="0"]')
     drag(page, box, (0.1, 0.1), (0.4, 0.9))
     wait_for_job(page, "Math.abs(job.concepts[0].region.x - 0.1) < 0.02 && Math.abs(job.concepts[0].region.w - 0.3) < 0.02")
+
+
+def test_auto_in_rectangle_draws_its_box_and_a_loaded_box_shows_and_comes_back(page, panel_app):
+    page.fill("#load_text textarea", json.dumps({"version": 1, "enabled": True, "concepts": [
+        {"name": "him", "class_word": "man", "region": {"type": "auto", "x": 0.5, "y": 0.25, "w": 0.5, "h": 0.75}},
+        {"name": "her", "class_word": "woman", "region": {"type": "auto"}}]}))
+    page.click("#load_button")
+    wait_for_job(page, "job.concepts[0].name === 'him'")
+    page.wait_for_function("window.MultiConcept.editor.concepts[0].name === 'him'")
+    time.sleep(0.3)
+    pixels = canvas_pixels(page)
+    assert pixel_is(pixels, 0.75, 0.6, tint(COLOURS[0]))       # his box is drawn
+    assert pixel_is(pixels, 0.25, 0.6, GROUND) and pixel_is(pixels, 0.75, 0.1, GROUND)   # hers is found later
+    received = generate(page, panel_app)
+    assert received["concepts"][0]["region"] == {"type": "auto", "x": 0.5, "y": 0.25, "w": 0.5, "h": 0.75}
+    assert received["concepts"][1]["region"] == {"type": "auto"}
+
+    page.locator("#multi_concept canvas.mc-canvas").scroll_into_view_if_needed()   # Generate scrolled away
+    box = canvas_box(page)   # a new box for him: still automatic, searched in the new box
+    page.click('#multi_concept [data-concept="0"]')
+    page.click('#multi_concept [data-tool="rect"]')
+    drag(page, box, (0.1, 0.2), (0.4, 0.9))
+    wait_for_job(page, "Math.abs(job.concepts[0].region.x - 0.1) < 0.02")
+    region = parse_job(generate(page, panel_app)).concepts[0].region
+    assert region.type == "auto" and region.boxed
+    assert [round(v, 2) for v in (region.x, region.y, region.w, region.h)] == [0.1, 0.2, 0.3, 0.7]

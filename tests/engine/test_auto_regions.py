@@ -243,3 +243,34 @@ def test_sam_masks_from_the_host_are_a_step_of_their_own_and_grow_in_image_pixel
     with session.stage2():                                  # the host found them: stage 2 keeps them
         sample(host, "euler", steps=6)
     assert torch.equal(plan.found_masks, final)
+
+
+def test_a_drawn_box_keeps_an_automatic_concept_inside_it():
+    maps = torch.zeros(1, 1, 8, 12)
+    maps[0, 0, 1:7, 8:12] = 1.0       # the word's subject is on the right ...
+    maps[0, 0, 2:6, 1:3] = 0.4        # ... a weaker one on the left, where the user boxed it
+    free = masks_from_maps(maps, [0])
+    boxed = masks_from_maps(maps, [0], boxes=[(0.0, 0.0, 0.5, 1.0)])
+    assert free[0, 0][3, 10] == 1 and free[0, 0][3, 1] == 0
+    assert boxed[0, 0][3, 1] == 1 and boxed[0, 0][:, 6:].sum() == 0
+
+
+def test_boxes_split_a_shared_word_and_a_free_sibling_stays_out_of_them():
+    maps = torch.zeros(1, 3, 8, 12)   # three concepts watching one word: identical maps
+    maps[0, :, 1:7, 0:3] = 1.0
+    maps[0, :, 1:7, 4:7] = 0.9
+    maps[0, :, 1:7, 9:12] = 0.8
+    # concept 0 boxed on the right, concept 2 boxed on the left (against list order), concept 1 free
+    found = masks_from_maps(maps, [0, 0, 0], boxes=[(0.7, 0.0, 0.3, 1.0), None, (0.0, 0.0, 0.3, 1.0)])
+    assert found[0, 0][3, 10] == 1 and found[0, 0][:, :8].sum() == 0
+    assert found[0, 2][3, 1] == 1 and found[0, 2][:, 4:].sum() == 0
+    assert found[0, 1][3, 5] == 1 and found[0, 1][:, :3].sum() == 0 and found[0, 1][:, 9:].sum() == 0
+    assert (found[0].sum(0) <= 1).all()
+
+
+def test_box_cells_take_the_cells_whose_centres_are_inside_and_never_none():
+    from lib_mc.auto.masks import box_cells
+    cells_in = box_cells((0.25, 0.5, 0.5, 0.5), (4, 8))
+    assert cells_in.sum() == 2 * 4 and cells_in[2:, 2:6].all()
+    tiny = box_cells((0.51, 0.51, 0.01, 0.01), (4, 8))
+    assert tiny.sum() == 1 and tiny[2, 4]

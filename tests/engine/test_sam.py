@@ -67,3 +67,26 @@ def test_missing_or_broken_checkpoints_are_named(tmp_path, checkpoint):
     misnamed.write_bytes(checkpoint.read_bytes())
     with pytest.raises(sam.ModelFileError, match="could not be loaded as vit_l"):
         sam.SamModels().predictor(str(misnamed), torch.device("cpu"))
+
+
+def test_a_drawn_box_is_sams_box_prompt_in_image_pixels(checkpoint):
+    predictor = sam.SamModels().predictor(str(checkpoint), torch.device("cpu"))
+    boxes_seen = []
+
+    class Spy:   # the real predictor, with the box it is given written down
+        model = predictor.model
+
+        def set_image(self, image):
+            predictor.set_image(image)
+
+        def predict(self, **kwargs):
+            boxes_seen.append(kwargs["box"].tolist())
+            return predictor.predict(**kwargs)
+    image = (np.random.default_rng(1).random((128, 96, 3)) * 255).astype(np.uint8)
+    coarse = torch.zeros(2, 16, 12)
+    coarse[0, 8:12, 3:9] = 1
+    coarse[1, 4:12, 7:11] = 1
+    masks, _ = sam.refine(Spy(), image, coarse, boxes=[(0.0, 0.25, 0.5, 0.5), None])
+    assert boxes_seen == [[0.0, 32.0, 48.0, 96.0],      # drawn: x 0-0.5 of 96 px, y 0.25-0.75 of 128 px
+                          [56.0, 32.0, 88.0, 96.0]]     # not drawn: the box around its attention mask
+    assert masks.shape == (2, 128, 96) and (masks.sum(0) <= 1).all()

@@ -92,3 +92,17 @@ def test_compact_mask_is_small_and_keeps_the_shape():
                            .concepts[0].region, (768, 512), "m")
     assert restored.shape == (128, 85)
     assert restored[60, 40] == 1 and restored[5, 5] == 0
+
+
+def test_an_automatic_region_may_carry_the_box_to_search_in():
+    concept = {"name": "her", "class_word": "woman"}
+    plain = parse_job({"concepts": [{**concept, "region": {"type": "auto"}}]})
+    assert not plain.concepts[0].region.boxed and "x" not in plain.to_dict()["concepts"][0]["region"]
+    boxed = parse_job({"concepts": [{**concept, "region": {"type": "auto", "x": 0.5, "w": 0.5}}]})
+    region = boxed.concepts[0].region
+    assert region.boxed and (region.x, region.y, region.w, region.h) == (0.5, 0, 0.5, 1)
+    assert parse_job(json.dumps(boxed.to_dict())) == boxed
+    with pytest.raises(JobError, match=r"concepts\[0\].region: reaches outside"):
+        parse_job({"concepts": [{**concept, "region": {"type": "auto", "x": 0.8, "w": 0.5}}]})
+    with pytest.raises(JobError, match=r"concepts\[0\].region.h: must be > 0"):
+        parse_job({"concepts": [{**concept, "region": {"type": "auto", "h": 0}}]})

@@ -9,7 +9,7 @@ from PIL import Image
 
 from lib_mc.job import JobError, parse_job
 from lib_mc.regions import region_mask
-from lib_mc.ui.panel_state import (CONCEPT_FIELDS, TOP_FIELDS, add_lora, apply_canvas, compose, decompose,
+from lib_mc.ui.panel_state import (AUTO_BOX, CONCEPT_FIELDS, TOP_FIELDS, add_lora, apply_canvas, compose, decompose,
                                    default_values, parse_loras)
 
 
@@ -155,3 +155,25 @@ def test_an_emptied_number_box_does_not_break_drawing():
     values[TOP_FIELDS.index("canvas")] = canvas([{"type": "rect", "x": 0.2, "y": 0.2, "w": 0.3, "h": 0.3}, None])
     applied = apply_canvas(*values)
     assert applied[len(TOP_FIELDS) + CONCEPT_FIELDS.index("x")] == 0.2
+
+
+def test_auto_in_rectangle_takes_the_drawn_rectangle_as_its_box_and_pastes_back():
+    values = default_values()
+    set_row(values, 0, region=AUTO_BOX, class_word="man")
+    right = {"type": "rect", "x": 0.5, "y": 0, "w": 0.5, "h": 1}
+    values[TOP_FIELDS.index("canvas")] = canvas([{"type": "rect", "x": 0.1, "y": 0.2, "w": 0.3, "h": 0.7}, right])
+    applied = apply_canvas(*values)
+    row0 = dict(zip(CONCEPT_FIELDS, applied[len(TOP_FIELDS):]))
+    assert (row0["region"], row0["x"], row0["w"]) == (AUTO_BOX, 0.1, 0.3)   # still automatic, now boxed
+    text = compose(*applied)
+    region = parse_job(text).concepts[0].region
+    assert region.type == "auto" and region.boxed and (region.x, region.y, region.w, region.h) == (0.1, 0.2, 0.3, 0.7)
+    back = decompose(text)
+    assert back[len(TOP_FIELDS) + CONCEPT_FIELDS.index("region")] == AUTO_BOX
+    shown = json.loads(back[TOP_FIELDS.index("canvas")])["regions"][0]
+    assert shown == {"type": "auto", "x": 0.1, "y": 0.2, "w": 0.3, "h": 0.7}   # the canvas draws the box
+    # the editor hands the untouched box back: nothing changes; erasing it searches the whole image
+    back[TOP_FIELDS.index("canvas")] = canvas([shown, right])
+    assert apply_canvas(*back) == back
+    back[TOP_FIELDS.index("canvas")] = canvas([None, right])
+    assert apply_canvas(*back)[len(TOP_FIELDS) + CONCEPT_FIELDS.index("region")] == "auto"

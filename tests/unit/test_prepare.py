@@ -154,11 +154,13 @@ def test_uploaded_mask_of_another_size_and_bad_masks(unet, files):
 
 def test_automatic_regions_watch_their_class_words_tokens(unet, files):
     auto = {"type": "auto"}
+    boxed = {"type": "auto", "x": 0.5, "y": 0.1, "w": 0.5, "h": 0.9}
     prepared, _ = run(unet, Services(files), job({"name": "him", "class_word": "man", "region": auto},
-                                                 {"name": "her", "class_word": "woman", "region": auto},
+                                                 {"name": "her", "class_word": "woman", "region": boxed},
                                                  {"name": "drawn", "region": {"type": "rect", "w": 0.5}}))
     him, her, drawn = prepared.plan.concepts   # "a man and a woman on a beach": man = 2, woman = 5
     assert (him.auto_tokens, her.auto_tokens) == ([2], [5]) and him.auto_group != her.auto_group
+    assert him.auto_box is None and her.auto_box == (0.5, 0.1, 0.5, 0.9)
     assert him.mask is None and drawn.auto_tokens is None and drawn.mask is not None
     assert prepared.plan.auto_concepts == [0, 1]
 

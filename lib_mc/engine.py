@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .auto.attention_maps import AttentionRecorder
-from .auto.masks import masks_from_maps, stretch
+from .auto.masks import box_cells, masks_from_maps, stretch
 from .auto.postprocess import finish
 from .auto.refine import refine_masks
 from .errors import EngineError
@@ -240,11 +240,28 @@ class MultiConceptSession:
         if found_by:
             plan.mask_steps.append((found_by, masks))
         grow_px = plan.options.auto_grow
-        finished = finish(masks, grow_px, px_per_cell=plan.image_size[0] / masks.shape[-2])
+        finished = self._clip_to_boxes(finish(masks, grow_px, px_per_cell=plan.image_size[0] / masks.shape[-2]))
         if not torch.equal(finished, masks.float()):
             plan.mask_steps.append((f"cleaned, grown {grow_px:+g} px" if grow_px else "cleaned", finished))
         plan.resolve_auto(finished)
         return finished
+
+    def _clip_to_boxes(self, masks: torch.Tensor) -> torch.Tensor:
+        """A concept searched in a drawn box never leaves it (SAM, growing or refinement may
+        reach out); one left empty takes the box cells no other concept holds."""
+        for slot, index in enumerate(self.plan.auto_concepts):
+            box = self.plan.concepts[index].auto_box
+            if box is None:
+                continue
+            inside = box_cells(box, tuple(masks.shape[-2:])).to(masks.dtype)
+            masks[:, slot] *= inside
+            for b in range(masks.shape[0]):
+                if masks[b, slot].sum() == 0:
+                    others = masks[b].sum(0).clamp(max=1)
+                    masks[b, slot] = inside * (1 - others)
+                    if masks[b, slot].sum() == 0:   # the box is all taken: share it
+                        masks[b, slot] = inside
+        return masks
 
     def _refine_now(self, step: int, total_steps: int) -> bool:
         """Refinement steps: from the start step, every `refine_every`, before `refine_until`;
@@ -267,7 +284,7 @@ class MultiConceptSession:
         k = plan.options.refine_clusters or len(plan.concepts) + 2
         refined = torch.stack([refine_masks(attention[b].cpu(), current[min(b, len(current) - 1)].float(), k)
                                for b in range(attention.shape[0])])
-        refined = finish(refined, plan.options.auto_grow, px_per_cell=plan.image_size[0] / grid[0])
+        refined = self._clip_to_boxes(finish(refined, plan.options.auto_grow, px_per_cell=plan.image_size[0] / grid[0]))
         plan.mask_steps.append((f"refined at step {step + 1}", refined))
         plan.resolve_auto(refined)
 

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import io
+import re
 
 import torch
 
@@ -51,7 +52,8 @@ def decode_png(data: str, field: str):
         image = Image.open(io.BytesIO(raw))
         image.load()
     except (binascii.Error, ValueError, OSError) as exc:
-        raise JobError(field, f"cannot be decoded as a PNG image ({exc})") from exc
+        reason = re.sub(r"\s*<[^>]*>", "", str(exc)) or type(exc).__name__   # no object reprs in a user message
+        raise JobError(field, f"cannot be decoded as a PNG image ({reason})") from exc
     if max(image.size) > 8192:
         raise JobError(field, f"is {image.size[0]}x{image.size[1]}; masks may be at most 8192 pixels a side")
     return image

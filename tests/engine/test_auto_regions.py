@@ -274,3 +274,28 @@ def test_box_cells_take_the_cells_whose_centres_are_inside_and_never_none():
     assert cells_in.sum() == 2 * 4 and cells_in[2:, 2:6].all()
     tiny = box_cells((0.51, 0.51, 0.01, 0.01), (4, 8))
     assert tiny.sum() == 1 and tiny[2, 4]
+
+
+def test_a_boxed_concept_never_leaves_its_box_whatever_sam_or_growing_say():
+    unet = plant(make_unet(), [2, 5], [[cells(3, 1, 13, 6), cells(2, 10, 12, 15)]])
+    plan = auto_plan([dict(name="a", cond=random_context(3), auto_tokens=[2], auto_box=(0.0, 0.0, 0.5, 1.0)),
+                      dict(name="b", cond=random_context(4), auto_tokens=[5])], auto_grow=16.0)
+    host = CFGHost(TinyLDM(unet), random_context(1), random_context(2))
+    session = MultiConceptSession(unet, plan)
+    host.route = session.denoise
+    with session.stage1():
+        sample(host, "euler", steps=6)
+    session.find_regions(finish=False)
+    sam = torch.zeros(1, 2, *IMAGE)
+    sam[0, 0, 20:100, 10:90] = 1          # SAM reached past the box's right edge (x = 64)
+    sam[0, 1, 20:100, 100:120] = 1
+    final = session.finish_regions(sam, found_by="SAM")
+    assert final[0, 0, :, 64:].sum() == 0 and final[0, 0, 50, 60] == 1
+    assert final[0, 1, 5, 110] == 1 and final[0, 1, 50, 125] == 1   # the free concept grew as asked
+    assert (final[0].sum(0) <= 1).all()
+    nothing_inside = torch.zeros(1, 2, *IMAGE)
+    nothing_inside[0, 0, 20:100, 70:90] = 1   # SAM found it only outside the box: the box it is
+    nothing_inside[0, 1, 20:100, 100:120] = 1
+    plan.options.auto_grow = 0.0
+    final = session.finish_regions(nothing_inside, found_by="SAM")
+    assert final[0, 0, :, :64].min() == 1 and final[0, 0, :, 64:].sum() == 0

@@ -77,8 +77,9 @@ def test_rect_and_mask_regions_become_masks():
 def test_undecodable_mask_and_auto_regions_give_clear_errors():
     job = parse_job({"concepts": [{"region": {"type": "mask", "png": "bm90IGEgcG5n"}},
                                   {"region": {"type": "auto"}}]})
-    with pytest.raises(JobError, match=r"concepts\[0\].region.png: cannot be decoded as a PNG"):
+    with pytest.raises(JobError, match=r"concepts\[0\].region.png: cannot be decoded as a PNG") as caught:
         region_mask(job.concepts[0].region, (64, 64), "concepts[0].region.png")
+    assert "<" not in str(caught.value) and "object at 0x" not in str(caught.value)   # no Python reprs
     with pytest.raises(JobError, match=r"concepts\[1\].region: is automatic \('auto'\): it is found in the layout pass"):
         region_mask(job.concepts[1].region, (64, 64), "concepts[1].region")
 

@@ -26,6 +26,14 @@ FALLBACK_TOP = 0.1     # an empty mask keeps this fraction of its strongest cell
 HINTS = ("left", "right", "largest")
 
 
+def stretch_within(maps: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """`stretch` over each map's `inside` cells only (its box: the attention floor inside the box
+    is subtracted too), 0 outside."""
+    low = maps.masked_fill(~inside, float("inf")).flatten(-2).amin(-1)[..., None, None]
+    high = maps.masked_fill(~inside, float("-inf")).flatten(-2).amax(-1)[..., None, None]
+    return ((maps - low) / (high - low).clamp_min(1e-8)).clamp(0, 1) * inside
+
+
 def stretch(maps: torch.Tensor) -> torch.Tensor:
     """Each (h, w) map (the last two dims) to [0, 1]: attention has a floor everywhere; the
     subject is the excess."""
@@ -46,6 +54,7 @@ def masks_from_maps(maps: torch.Tensor, groups: Sequence[int], threshold: float 
     hints = list(hints) if hints is not None else [""] * n
     boxes = list(boxes) if boxes is not None else [None] * n
     inside = torch.stack([box_cells(box, (h, w)) for box in boxes])
+    _share_overlaps(inside, boxes, groups)
     for i, box in enumerate(boxes):   # a free concept leaves a boxed one sharing its word its box
         if box is None:
             siblings = [j for j in range(n) if groups[j] == groups[i] and boxes[j] is not None]
@@ -54,8 +63,26 @@ def masks_from_maps(maps: torch.Tensor, groups: Sequence[int], threshold: float 
     boxed = [box is not None for box in boxes]
     for b in range(maps.shape[0]):
         image_faces = faces[b] if faces is not None and b < len(faces) else None
-        out[b] = _one_image(maps[b].float() * inside, list(groups), threshold, hints, image_faces, inside, boxed)
+        out[b] = _one_image(maps[b].float(), list(groups), threshold, hints, image_faces, inside, boxed)
     return out
+
+
+def _share_overlaps(inside: torch.Tensor, boxes: list, groups: Sequence[int]) -> None:
+    """Boxed concepts sharing a word split where their boxes overlap: each such cell goes to the
+    box whose centre is nearest (in box sizes), so two people boxed side by side stay two."""
+    h, w = inside.shape[-2:]
+    cy, cx = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+    for gid in dict.fromkeys(groups):
+        members = [i for i, g in enumerate(groups) if g == gid and boxes[i] is not None]
+        if len(members) < 2:
+            continue
+        distance = torch.stack([((cx - (x + bw / 2)) / bw) ** 2 + ((cy - (y + bh / 2)) / bh) ** 2
+                                for x, y, bw, bh in (boxes[m] for m in members)])
+        claims = inside[members]
+        nearest = distance.masked_fill(~claims, float("inf")).argmin(0)
+        contested = claims.sum(0) > 1
+        for k, member in enumerate(members):
+            inside[member] &= ~contested | (nearest == k)
 
 
 def box_cells(box, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -66,7 +93,7 @@ def box_cells(box, grid_hw: tuple[int, int]) -> torch.Tensor:
         return torch.ones(h, w, dtype=torch.bool)
     x, y, bw, bh = box
     cy, cx = (torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w
-    rows, cols = (cy >= y) & (cy <= y + bh), (cx >= x) & (cx <= x + bw)
+    rows, cols = (cy >= y) & (cy < y + bh), (cx >= x) & (cx < x + bw)   # half-open: side by side boxes share no cell
     cells = rows[:, None] & cols[None, :]
     if not cells.any():
         cells[min(h - 1, int((y + bh / 2) * h)), min(w - 1, int((x + bw / 2) * w))] = True
@@ -93,7 +120,7 @@ def _assign(parts: list[torch.Tensor], members: list[int], hints: list[str]) -> 
 def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: list[str], faces,
                inside: torch.Tensor, boxed: list[bool]) -> torch.Tensor:
     n, h, w = maps.shape
-    norm = stretch(maps)   # a flat map (no subject) becomes all 0
+    norm = stretch_within(maps, inside)   # a flat map (no subject) becomes all 0
     owner = norm.argmax(0)
     strongest = norm.amax(0)
     masks = torch.zeros(n, h, w)
@@ -121,8 +148,10 @@ def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: l
     for i in range(n):   # nothing found: the strongest cells nobody else holds
         if masks[i].sum() == 0:
             masks[i] = _strongest_cells(norm[i].masked_fill(taken | ~inside[i], -1.0)) * (~taken & inside[i]).float()
-            if masks[i].sum() == 0:   # everything is held: take its strongest cell from its holder
-                cell = int(norm[i].flatten().argmax())
+            if masks[i].sum() == 0:   # everything is held: its strongest cell of a holder that keeps others
+                cells = masks.flatten(1)
+                spare = cells[cells.sum(1) > 1].sum(0) > 0   # held by a concept with more than this one
+                cell = int(norm[i].flatten().masked_fill(~spare, -1.0).argmax() if spare.any() else norm[i].argmax())
                 masks.view(n, -1)[:, cell] = 0
                 masks[i].view(-1)[cell] = 1
             taken |= masks[i] > 0

@@ -299,3 +299,32 @@ def test_a_boxed_concept_never_leaves_its_box_whatever_sam_or_growing_say():
     plan.options.auto_grow = 0.0
     final = session.finish_regions(nothing_inside, found_by="SAM")
     assert final[0, 0, :, :64].min() == 1 and final[0, 0, :, 64:].sum() == 0
+
+
+def test_overlapping_boxes_of_one_word_split_the_overlap_by_nearest_box():
+    maps = torch.zeros(1, 2, 8, 12)   # "two men", both boxed; the boxes overlap in columns 4-7
+    maps[0, :, 1:7, 2:6] = 0.9        # the left man, a little weaker, half in the overlap
+    maps[0, :, 1:7, 6:11] = 1.0       # the right man, his left side in the overlap
+    found = masks_from_maps(maps, [0, 0], boxes=[(0.0, 0.0, 0.7, 1.0), (0.3, 0.0, 0.7, 1.0)])
+    assert found[0, 0][3, 2:6].min() == 1 and found[0, 0][:, 6:].sum() == 0
+    assert found[0, 1][3, 6:11].min() == 1 and found[0, 1][:, :6].sum() == 0
+
+
+def test_the_attention_floor_inside_a_box_is_not_taken_for_the_subject():
+    maps = torch.full((1, 1, 8, 12), 0.3)   # a floor everywhere
+    maps[0, 0, 1:7, 8:12] = 1.0             # the strong subject outside the box
+    maps[0, 0, 3:6, 1:5] = 0.55             # a weaker one inside it
+    found = masks_from_maps(maps, [0], boxes=[(0.0, 0.0, 0.5, 1.0)])[0, 0]
+    assert found[3:6, 1:5].min() == 1 and found.sum() == 12
+
+
+def test_a_concept_left_with_nothing_takes_a_cell_only_from_a_holder_that_keeps_others():
+    maps = torch.zeros(1, 3, 4, 4)
+    maps[0, 0, 0, 0] = 1.0                  # concept 0: one cell, its whole box
+    maps[0, 1] = 0.1                        # concept 1: flat (no subject), boxed to cells (0,0) and (0,1)
+    maps[0, 2, :, 1:] = 1.0                 # concept 2: columns 1-3 but one cell
+    maps[0, 2, 3, 3] = 0.0
+    boxes = [(0.0, 0.0, 0.25, 0.25), (0.0, 0.0, 0.5, 0.25), (0.25, 0.0, 0.75, 1.0)]
+    found = masks_from_maps(maps, [0, 1, 2], boxes=boxes)[0]
+    assert (found.sum((1, 2)) > 0).all() and (found.sum(0) <= 1).all()
+    assert found[0, 0, 0] == 1 and found[1, 0, 1] == 1

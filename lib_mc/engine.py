@@ -230,7 +230,6 @@ class MultiConceptSession:
                                 boxes=[c.auto_box for c in auto])
         self.plan.mask_steps = [("attention", stretch(maps)), ("attention masks", found)]
         self.plan.face_boxes = faces
-        self.plan.resolve_auto(found)
         return self.finish_regions(found) if finish else found
 
     def finish_regions(self, masks: torch.Tensor, found_by: str | None = None) -> torch.Tensor:
@@ -284,7 +283,10 @@ class MultiConceptSession:
         k = plan.options.refine_clusters or len(plan.concepts) + 2
         refined = torch.stack([refine_masks(attention[b].cpu(), current[min(b, len(current) - 1)].float(), k)
                                for b in range(attention.shape[0])])
-        refined = self._clip_to_boxes(finish(refined, plan.options.auto_grow, px_per_cell=plan.image_size[0] / grid[0]))
+        # back at the found masks' resolution, so growing and boxes keep their pixel precision
+        refined = torch.nn.functional.interpolate(refined, size=tuple(found.shape[-2:]), mode="nearest")
+        refined = self._clip_to_boxes(finish(refined, plan.options.auto_grow,
+                                             px_per_cell=plan.image_size[0] / found.shape[-2]))
         plan.mask_steps.append((f"refined at step {step + 1}", refined))
         plan.resolve_auto(refined)
 

@@ -81,6 +81,28 @@ def test_refinement_moves_an_off_mask_onto_the_subject_self_attention_groups():
     assert torch.equal(plan.mask_steps[-1][1], plan.found_masks)
 
 
+def test_refined_masks_grow_at_the_found_masks_resolution():
+    subject = box(8, 16, 24, 28)
+    unet = plant_self(plant(make_unet(), [2], [[box(10, 8, 26, 20)]]), subject)
+    plan = build_plan([dict(name="auto", cond=random_context(3), auto_tokens=[2]),
+                       dict(name="drawn", cond=random_context(4), mask=box(0, 0, 256, 40, size=256))],
+                      IMAGE, start_at=0.34, refine_every=1, refine_until=0.7, auto_grow=8.0)   # 8 px = 1 latent cell
+    host = CFGHost(TinyLDM(unet), random_context(1), random_context(2))
+    session = MultiConceptSession(unet, plan)
+    host.route = session.denoise
+    with session.stage1():
+        sample(host, "euler", steps=6, latent_hw=(32, 32))
+    with session.stage2():
+        sample(host, "euler", steps=6, latent_hw=(32, 32))
+    refined = plan.mask_steps[-1][1][0, 0]
+    assert plan.mask_steps[-1][0].startswith("refined") and refined.shape == (32, 32)
+    # a segment of the 8 x 8 grid is made of 4 x 4 blocks; grown by one latent cell it is not
+    blocks = nn.functional.interpolate(nn.functional.adaptive_max_pool2d(refined[None, None], 8), size=(32, 32))[0, 0]
+    assert refined.sum() > 0 and not torch.equal(refined, blocks)
+    ys, xs = refined.nonzero(as_tuple=True)
+    assert (int(xs.min()) % 4, int(ys.min()) % 4) == (3, 3)   # one cell out of the block grid
+
+
 def test_two_concepts_choosing_one_segment_keep_their_masks():
     attention = torch.eye(16)   # every cell its own... then k-means with 2 segments
     masks = torch.zeros(2, 4, 4)

@@ -19,10 +19,11 @@
     function sameRegion(a, b) {
         const empty = (r) => !r || (r.type === "auto" && !boxed(r)) || (r.type === "mask" && !r.png);
         if (empty(a) || empty(b)) return empty(a) && empty(b);
-        if (a.type !== b.type) return false;
         const unset = {x: 0, y: 0, w: 1, h: 1};
-        if (a.type === "rect" || a.type === "auto") return Object.keys(unset).every((k) => Math.abs((a[k] ?? unset[k]) - (b[k] ?? unset[k])) < 1e-3);
-        return a.png === b.png;
+        // a drawn rectangle comes back as the box of an "auto in rectangle" region: the same drawing
+        const rectLike = (r) => r.type === "rect" || boxed(r);
+        if (rectLike(a) && rectLike(b)) return Object.keys(unset).every((k) => Math.abs((a[k] ?? unset[k]) - (b[k] ?? unset[k])) < 1e-3);
+        return a.type === b.type && a.png === b.png;
     }
 
     class Editor {

@@ -157,7 +157,10 @@ def _auto_tokens(job: Job, base_prompt: str, services: HostServices) -> dict[int
 
 
 def _box(region) -> tuple[float, float, float, float] | None:
-    return (region.x, region.y, region.w, region.h) if region.boxed else None
+    """The box an automatic region is searched in; a box that is the whole image is no box."""
+    box = (region.x, region.y, region.w, region.h)
+    whole = all(abs(v - d) < 1e-3 for v, d in zip(box, (0, 0, 1, 1)))
+    return box if region.boxed and not whole else None
 
 
 def _hint(name: str) -> str:

@@ -103,6 +103,8 @@ def canvas_text(regions: list, z: list) -> str:
 
 def _region(kind: str, x, y, w, h, mask, drawn=None) -> dict:
     if kind == DRAWN:
+        if drawn and drawn.get("type") == "auto":   # the editor handing back a box: drawn = that rectangle
+            return {"type": "rect", **{k: drawn.get(k, d) for k, d in (("x", 0), ("y", 0), ("w", 1), ("h", 1))}}
         return dict(drawn) if drawn else {"type": "mask", "png": ""}
     if kind in PRESETS:
         px, py, pw, ph = PRESETS[kind][0]

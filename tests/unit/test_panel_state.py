@@ -9,7 +9,7 @@ from PIL import Image
 
 from lib_mc.job import JobError, parse_job
 from lib_mc.regions import region_mask
-from lib_mc.ui.panel_state import (AUTO_BOX, CONCEPT_FIELDS, TOP_FIELDS, add_lora, apply_canvas, compose, decompose,
+from lib_mc.ui.panel_state import (AUTO_BOX, CONCEPT_FIELDS, DRAWN, TOP_FIELDS, add_lora, apply_canvas, compose, decompose,
                                    default_values, parse_loras)
 
 
@@ -177,3 +177,12 @@ def test_auto_in_rectangle_takes_the_drawn_rectangle_as_its_box_and_pastes_back(
     assert apply_canvas(*back) == back
     back[TOP_FIELDS.index("canvas")] = canvas([None, right])
     assert apply_canvas(*back)[len(TOP_FIELDS) + CONCEPT_FIELDS.index("region")] == "auto"
+
+
+def test_switching_a_boxed_automatic_region_to_drawn_makes_its_box_a_drawn_rectangle():
+    values = default_values()
+    set_row(values, 0, region=DRAWN)
+    values[TOP_FIELDS.index("canvas")] = canvas([{"type": "auto", "x": 0.1, "y": 0.2, "w": 0.3, "h": 0.7},
+                                                 {"type": "rect", "x": 0.5, "y": 0, "w": 0.5, "h": 1}])
+    region = parse_job(compose(*values)).concepts[0].region
+    assert region.type == "rect" and (region.x, region.y, region.w, region.h) == (0.1, 0.2, 0.3, 0.7)

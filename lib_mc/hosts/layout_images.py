@@ -16,19 +16,21 @@ def to_images(decoded: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
-def overlay(image: Image.Image, weights: torch.Tensor, names: list[str]) -> Image.Image:
-    """Concept weights (n + 1, h, w; row 0 = background) tinted over the image, with a legend."""
+def overlay(image: Image.Image, weights: torch.Tensor, names: list[str], colours: list[int] | None = None) -> Image.Image:
+    """Concept weights (n + 1, h, w; row 0 = background) tinted over the image, with a legend.
+    colours[i]: concept i's colour number (default i), so a concept keeps its colour everywhere."""
+    colours = colours if colours is not None else list(range(len(names)))
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
     h, w = base.shape[:2]
     up = torch.nn.functional.interpolate(weights[None].float(), size=(h, w), mode="nearest")[0].numpy()
     tint = np.zeros_like(base)
     for i in range(1, up.shape[0]):
-        tint += up[i][..., None] * np.array(COLOURS[(i - 1) % len(COLOURS)], dtype=np.float32)
+        tint += up[i][..., None] * np.array(COLOURS[colours[i - 1] % len(COLOURS)], dtype=np.float32)
     alpha = (1 - up[0])[..., None] * 0.45
     out = Image.fromarray((base * (1 - alpha) + tint * alpha).clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(out)
     for i, name in enumerate(names):
-        draw.rectangle((6, 6 + 16 * i, 18, 18 + 16 * i), fill=COLOURS[i % len(COLOURS)])
+        draw.rectangle((6, 6 + 16 * i, 18, 18 + 16 * i), fill=COLOURS[colours[i] % len(COLOURS)])
         draw.text((24, 6 + 16 * i), name, fill=(255, 255, 255))
     return out
 
@@ -67,12 +69,12 @@ def _draw_boxes(image: Image.Image, boxes, grid_hw: tuple[int, int]) -> None:
 
 
 def mask_steps_sheet(image: Image.Image, steps: list[tuple[str, torch.Tensor]], names: list[str],
-                     boxes=None) -> Image.Image:
+                     boxes=None, colours: list[int] | None = None) -> Image.Image:
     """One labelled panel per step of finding the automatic masks (image b's masks in each step),
     face boxes on the attention-masks panel; panels left to right, top to bottom."""
     panels = []
     for label, masks in steps:
-        panel = overlay(image, _auto_weights(masks), names)
+        panel = overlay(image, _auto_weights(masks), names, colours)
         if boxes is not None and len(boxes) and label == "attention masks":
             _draw_boxes(panel, boxes, tuple(masks.shape[-2:]))
             label += f", {len(boxes)} face{'s' if len(boxes) != 1 else ''}"
@@ -110,5 +112,5 @@ def layout_outputs(sd_model, layouts: list[tuple[torch.Tensor, object]], names: 
                 steps = [(label, masks[min(i, len(masks) - 1)]) for label, masks in plan.mask_steps]
                 faces = plan.face_boxes
                 boxes = faces[min(i, len(faces) - 1)] if faces else None
-                images.append(mask_steps_sheet(image, steps, auto_names, boxes))
+                images.append(mask_steps_sheet(image, steps, auto_names, boxes, colours=plan.auto_concepts))
     return images

@@ -63,3 +63,15 @@ def test_outputs_per_image_with_its_found_masks_and_every_step_of_finding_them()
     # image 1 gets its own steps: its attention was on the right
     sheet1 = images[5]
     assert _reddish(panel(sheet1, 1, 50, 30)) and not _reddish(panel(sheet1, 1, 10, 30))
+
+
+def test_an_automatic_concept_keeps_its_colour_on_the_sheet():
+    plan = build_plan([dict(name="drawn", cond=random_context(2), mask=torch.ones(64, 64)),
+                       dict(name="auto", cond=random_context(1), auto_tokens=[1])], (64, 64))
+    found = torch.zeros(1, 1, 8, 8)
+    found[0, 0, :, :4] = 1
+    plan.resolve_auto(found)
+    plan.mask_steps = [("attention masks", found)]
+    sheet = layout_outputs(LatentAsImage(), [(torch.zeros(1, 4, 8, 8), plan)], ["drawn", "auto"])[2]
+    pixel = sheet.getpixel((10, LABEL_HEIGHT + 40))
+    assert pixel[1] > pixel[0] + 40   # green, concept 2's colour in the regions overlay, not red

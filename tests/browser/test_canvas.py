@@ -270,6 +270,9 @@ def test_auto_in_rectangle_draws_its_box_and_a_loaded_box_shows_and_comes_back(p
     page.click('#multi_concept [data-tool="rect"]')
     drag(page, box, (0.1, 0.2), (0.4, 0.9))
     wait_for_job(page, "Math.abs(job.concepts[0].region.x - 0.1) < 0.02")
+    # the drawn rect came back from Python as the box: the canvas knows its own echo at once
+    # (otherwise it ignores outside changes for seconds and may send stale regions back)
+    page.wait_for_function("window.MultiConcept.editor.awaiting === null", timeout=2500)
     region = parse_job(generate(page, panel_app)).concepts[0].region
     assert region.type == "auto" and region.boxed
     assert [round(v, 2) for v in (region.x, region.y, region.w, region.h)] == [0.1, 0.2, 0.3, 0.7]

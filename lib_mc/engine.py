@@ -239,11 +239,16 @@ class MultiConceptSession:
         if found_by:
             plan.mask_steps.append((found_by, masks))
         grow_px = plan.options.auto_grow
-        finished = self._clip_to_boxes(finish(masks, grow_px, px_per_cell=plan.image_size[0] / masks.shape[-2]))
+        finished = self._finished(masks)
         if not torch.equal(finished, masks.float()):
             plan.mask_steps.append((f"cleaned, grown {grow_px:+g} px" if grow_px else "cleaned", finished))
         plan.resolve_auto(finished)
         return finished
+
+    def _finished(self, masks: torch.Tensor) -> torch.Tensor:
+        """Cleaned, grown by options.auto_grow (image px at the masks' resolution), clipped to boxes."""
+        px_per_cell = self.plan.image_size[0] / masks.shape[-2]
+        return self._clip_to_boxes(finish(masks, self.plan.options.auto_grow, px_per_cell=px_per_cell))
 
     def _clip_to_boxes(self, masks: torch.Tensor) -> torch.Tensor:
         """A concept searched in a drawn box never leaves it (SAM, growing or refinement may
@@ -285,8 +290,7 @@ class MultiConceptSession:
                                for b in range(attention.shape[0])])
         # back at the found masks' resolution, so growing and boxes keep their pixel precision
         refined = torch.nn.functional.interpolate(refined, size=tuple(found.shape[-2:]), mode="nearest")
-        refined = self._clip_to_boxes(finish(refined, plan.options.auto_grow,
-                                             px_per_cell=plan.image_size[0] / found.shape[-2]))
+        refined = self._finished(refined)
         plan.mask_steps.append((f"refined at step {step + 1}", refined))
         plan.resolve_auto(refined)
 

@@ -87,6 +87,20 @@ def run_two_stages(unet, plan, batch=1, seed=0):
     return session, out
 
 
+def two_words_after_layout_pass(box_a=None, **options):
+    """Words A (token 2, left) and B (token 5, right) planted; concepts a and b watch them; the
+    layout pass has run. Returns (plan, session, host) for a host's own steps after it (SAM)."""
+    unet = plant(make_unet(), [2, 5], [[cells(3, 1, 13, 6), cells(2, 10, 12, 15)]])
+    plan = auto_plan([dict(name="a", cond=random_context(3), auto_tokens=[2], auto_box=box_a),
+                      dict(name="b", cond=random_context(4), auto_tokens=[5])], **options)
+    host = CFGHost(TinyLDM(unet), random_context(1), random_context(2))
+    session = MultiConceptSession(unet, plan)
+    host.route = session.denoise
+    with session.stage1():
+        sample(host, "euler", steps=6)
+    return plan, session, host
+
+
 def covers(found, planted):
     """Attention is coarse (the 4x4 and 8x8 layers see the subject in big cells): the mask must
     hold nearly all of the planted cells, and at least half of it must be planted cells."""
@@ -220,14 +234,7 @@ def test_a_bad_auto_grow_is_named():
 
 
 def test_sam_masks_from_the_host_are_a_step_of_their_own_and_grow_in_image_pixels():
-    unet = plant(make_unet(), [2, 5], [[cells(3, 1, 13, 6), cells(2, 10, 12, 15)]])
-    plan = auto_plan([dict(name="a", cond=random_context(3), auto_tokens=[2]),
-                      dict(name="b", cond=random_context(4), auto_tokens=[5])], auto_grow=4.0)
-    host = CFGHost(TinyLDM(unet), random_context(1), random_context(2))
-    session = MultiConceptSession(unet, plan)
-    host.route = session.denoise
-    with session.stage1():
-        sample(host, "euler", steps=6)
+    plan, session, host = two_words_after_layout_pass(auto_grow=4.0)
     attention = session.find_regions(finish=False)          # what a host's SAM starts from
     assert [label for label, _ in plan.mask_steps] == ["attention", "attention masks"]
     sam = torch.zeros(1, 2, *IMAGE)                         # SAM's image-resolution masks
@@ -277,14 +284,7 @@ def test_box_cells_take_the_cells_whose_centres_are_inside_and_never_none():
 
 
 def test_a_boxed_concept_never_leaves_its_box_whatever_sam_or_growing_say():
-    unet = plant(make_unet(), [2, 5], [[cells(3, 1, 13, 6), cells(2, 10, 12, 15)]])
-    plan = auto_plan([dict(name="a", cond=random_context(3), auto_tokens=[2], auto_box=(0.0, 0.0, 0.5, 1.0)),
-                      dict(name="b", cond=random_context(4), auto_tokens=[5])], auto_grow=16.0)
-    host = CFGHost(TinyLDM(unet), random_context(1), random_context(2))
-    session = MultiConceptSession(unet, plan)
-    host.route = session.denoise
-    with session.stage1():
-        sample(host, "euler", steps=6)
+    plan, session, _ = two_words_after_layout_pass(box_a=(0.0, 0.0, 0.5, 1.0), auto_grow=16.0)
     session.find_regions(finish=False)
     sam = torch.zeros(1, 2, *IMAGE)
     sam[0, 0, 20:100, 10:90] = 1          # SAM reached past the box's right edge (x = 64)

@@ -37,9 +37,7 @@ def stretch_within(maps: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
 def stretch(maps: torch.Tensor) -> torch.Tensor:
     """Each (h, w) map (the last two dims) to [0, 1]: attention has a floor everywhere; the
     subject is the excess."""
-    low = maps.flatten(-2).amin(-1)[..., None, None]
-    high = maps.flatten(-2).amax(-1)[..., None, None]
-    return (maps - low) / (high - low).clamp_min(1e-8)
+    return stretch_within(maps, torch.ones_like(maps, dtype=torch.bool))
 
 
 def masks_from_maps(maps: torch.Tensor, groups: Sequence[int], threshold: float = THRESHOLD,

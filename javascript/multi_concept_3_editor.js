@@ -216,10 +216,11 @@
 
         setBrushSize(size) { this.brushSize = Math.max(4, Math.min(256, size)); this.toolbar.update(); }
 
-        setActive(index) {
+        setActive(index, showTab = true) {   // showTab false: the concept's tab was just picked
             if (index < 0 || index >= this.concepts.length) return;
             this.active = index;
             this.legend.update();
+            if (showTab && MC.showConceptTab) MC.showConceptTab(index);
         }
 
         move(index, step) {   // step -1: one place forward

@@ -7,6 +7,7 @@
     const SLOT_ID = "multi_concept_canvas_slot";
     const DATA_ID = "multi_concept_canvas_data";   // the hidden textbox Python reads
     const JOB_ID = "multi_concept_job";            // the job JSON (the script's argument)
+    const TABS_ID = "multi_concept_tabs";          // one tab per concept, "Concept 1", "Concept 2", ...
 
     function root() {
         const app = document.querySelector("gradio-app");
@@ -41,6 +42,7 @@
     MC.fromJob = function (job) {
         MC.mount();
         if (MC.editor) MC.editor.fromJob(job);
+        if (MC.editor) MC.showConceptCount(MC.editor.concepts.length);
         return [];
     };
 
@@ -52,6 +54,7 @@
             const job = root().querySelector(`#${JOB_ID} textarea`);
             if (job && job.value) MC.editor.fromJob(job.value);
         }
+        MC.showConceptCount(MC.editor.concepts.length);
         if (MC.editor.root.parentNode !== slot) {
             slot.replaceChildren(MC.editor.root);
             MC.editor.syncImageSize();
@@ -59,6 +62,38 @@
         }
         return true;
     };
+
+    // The concept drawn on the canvas and the concept tab shown go together, whichever is picked.
+    function conceptTabs() {
+        const tabs = root().querySelector(`#${TABS_ID}`);
+        return tabs ? Array.from(tabs.querySelectorAll(".tab-nav button")) : [];
+    }
+    const tabNumber = (button) => Number((button.textContent.match(/\d+/) || [0])[0]);
+
+    MC.showConceptTab = function (index) {
+        const button = conceptTabs().find((b) => tabNumber(b) === index + 1);
+        if (button && !button.classList.contains("selected")) button.click();
+    };
+
+    // Gradio 3 keeps the tab buttons of hidden tabs: style.css hides those past the concept count.
+    MC.showConceptCount = function (count) {
+        const tabs = root().querySelector(`#${TABS_ID}`);
+        if (!tabs || !(count > 0) || tabs.dataset.mcCount === String(count)) return;
+        tabs.dataset.mcCount = String(count);
+        const buttons = conceptTabs();
+        const selected = buttons.find((b) => b.classList.contains("selected"));
+        if (selected && tabNumber(selected) > count) {
+            const last = buttons.find((b) => tabNumber(b) === count);
+            if (last) last.click();
+        }
+    };
+
+    function watchConceptTabs() {
+        document.addEventListener("click", (event) => {
+            const button = event.target && event.target.closest && event.target.closest(`#${TABS_ID} .tab-nav button`);
+            if (button && MC.editor && tabNumber(button) > 0) MC.editor.setActive(tabNumber(button) - 1, false);
+        }, true);
+    }
 
     function watchImageSize() {   // width/height sliders and number boxes, by their events
         const handler = (event) => {
@@ -73,6 +108,7 @@
 
     function start() {
         watchImageSize();
+        watchConceptTabs();
         // Mount now if the panel is there, and again whenever the page re-renders it. The observer
         // only checks one id per batch of DOM changes: no polling, no busy loop.
         let queued = false;

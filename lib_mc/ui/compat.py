@@ -27,3 +27,15 @@ def mask_upload(label: str, **kwargs):
 
 def update(**kwargs):
     return gr.update(**kwargs)
+
+
+def value_when_served(component, value_of) -> None:
+    """The component's value in the page is `value_of()` at the time the page's config is built,
+    not the value it was created with. The WebUI writes saved UI defaults (ui-config.json) into
+    the other controls after they are built; the job composed from them must show the same.
+    Both gradio 3 and 4 build a component's page config by calling its `get_config()`."""
+    built = component.get_config
+
+    def get_config():
+        return {**built(), "value": value_of()}
+    component.get_config = get_config

@@ -1,6 +1,10 @@
 """The Multi-Concept accordion. `build_panel` returns the ONE component the script takes as its
 argument: a hidden textbox holding the job JSON, written by the visible controls.
 
+Layout (one screen tall whatever the number of concepts): Enable, Mode and Concepts; the region
+canvas; one tab per concept, showing only the fields its region kind needs; the rarely changed
+options folded under "Options".
+
 Pasted infotext goes to a second hidden box (`paste_box`) that fills the controls, so a
 control's own updates never loop back into it.
 
@@ -8,6 +12,12 @@ The region canvas (javascript/multi_concept_*.js) mounts into an HTML slot, writ
 into the hidden `canvas` box and redraws itself from the job whenever the job changes. The
 hidden boxes the page script touches are rendered but hidden by CSS (`mc-hidden`): gradio 3
 leaves invisible components out of the page.
+
+Saved UI defaults: the WebUI (modules/ui_loadsave.py) saves and restores every labelled control
+in ui-config.json under "txt2img/<label>/<field>". Concepts share their labels, so every control
+whose label is not unique to this panel, or that shapes the others (the number of concepts), is
+kept out of it (`do_not_save_to_config`). The folded options keep their saved defaults, and the
+job the page starts with is composed from what they show then (`compat.value_when_served`).
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import gradio as gr
 
 from . import compat
 from .panel_state import (CONCEPT_FIELDS, MAX_UI_CONCEPTS, REGION_CHOICES, TOP_FIELDS, add_lora, apply_canvas,
-                          compose, decompose, default_values)
+                          compose, decompose, default_values, shown_fields)
 
 ELEM = "multi_concept"
 HIDDEN = ["mc-hidden"]   # in the page for the canvas script, out of sight (style.css)
@@ -31,37 +41,60 @@ TO_CANVAS_JS = "(job) => { if (window.MultiConcept) window.MultiConcept.fromJob(
 class Panel:
     job: gr.components.Component        # the script argument
     paste_box: gr.components.Component  # infotext "Multi-Concept" lands here
-    controls: list
+    controls: list                      # every value the job is composed from, in panel_state order
+    per_concept: list                   # per concept: its components (never saved as UI defaults)
 
 
-def _concept_row(i: int, defaults: list, lora_choices: list[str]):
+def unsaved(component):
+    """Keeps the component out of the WebUI's saved UI defaults (ui-config.json)."""
+    component.do_not_save_to_config = True
+    return component
+
+
+@dataclass
+class _Concept:
+    tab: gr.components.Component
+    values: list        # in CONCEPT_FIELDS order
+    shown_by_region: list   # the box row, the mask upload, the class word: shown as shown_fields says
+    pick: gr.components.Component
+    refresh: gr.components.Component
+    components: list
+
+
+def _concept_tab(i: int, defaults: list, lora_choices: list[str]) -> _Concept:
     d = dict(zip(CONCEPT_FIELDS, defaults))
-    with gr.Group(visible=i < 2, elem_id=f"{ELEM}_concept_{i}") as group:
+    shown = shown_fields(d["region"])
+    e = lambda name: f"{ELEM}_{name}_{i}"   # noqa: E731
+    with gr.Tab(f"Concept {i + 1}", id=i, elem_id=e("tab"), visible=i < 2) as tab:
         with gr.Row():
-            name = gr.Textbox(d["name"], label=f"Concept {i + 1}", elem_id=f"{ELEM}_name_{i}",
-                              info="A label for you; shown in the infotext and the layout overlay")
-            loras = gr.Textbox(d["loras"], label="LoRAs (name:weight, ...)", elem_id=f"{ELEM}_loras_{i}",
-                               info="Applied only inside this concept's region")
-            pick = gr.Dropdown(lora_choices, label="Add a LoRA", elem_id=f"{ELEM}_pick_{i}",
-                               info="Picks from the WebUI's LoRA list")
-        prompt = gr.Textbox(d["prompt"], label="Concept prompt", lines=2, elem_id=f"{ELEM}_prompt_{i}",
-                            placeholder="Empty: the main prompt. <lora:name:weight> tags work here too")
+            name = gr.Textbox(d["name"], label="Name", elem_id=e("name"), min_width=120,
+                              placeholder="For you: the canvas, the infotext, the overlay")
+            region = gr.Dropdown(REGION_CHOICES, value=d["region"], label="Region", elem_id=e("region"),
+                                 min_width=120)
+            class_word = gr.Textbox(d["class_word"], label="Class word", elem_id=e("class"), min_width=120,
+                                    visible=shown["class_word"], placeholder="its word in the main prompt: woman")
+        with gr.Row(visible=shown["box"], elem_id=e("box")) as box:
+            x = gr.Number(d["x"], label="x", elem_id=e("x"), min_width=60)
+            y = gr.Number(d["y"], label="y", elem_id=e("y"), min_width=60)
+            w = gr.Number(d["w"], label="width", elem_id=e("w"), min_width=60)
+            h = gr.Number(d["h"], label="height", elem_id=e("h"), min_width=60)
+        mask = compat.mask_upload("Mask (white = this concept)", elem_id=e("mask"), visible=shown["mask"],
+                                  height=160)
         with gr.Row():
-            negative = gr.Textbox(d["negative_prompt"], label="Negative prompt", elem_id=f"{ELEM}_negative_{i}",
-                                  placeholder="Empty: the main negative prompt")
-            class_word = gr.Textbox(d["class_word"], label="Class word", elem_id=f"{ELEM}_class_{i}",
-                                    info="The word in the main prompt this concept stands for, e.g. woman")
+            prompt = gr.Textbox(d["prompt"], label="Concept prompt", lines=2, elem_id=e("prompt"), min_width=160,
+                                placeholder="Empty: the main prompt. <lora:name:w> works")
+            negative = gr.Textbox(d["negative_prompt"], label="Negative prompt", lines=2, elem_id=e("negative"),
+                                  min_width=160, placeholder="Empty: the main negative prompt")
         with gr.Row():
-            region = gr.Dropdown(REGION_CHOICES, value=d["region"], label="Region", elem_id=f"{ELEM}_region_{i}",
-                                 info="Where this concept goes: a preset, a rectangle, drawn on the canvas, "
-                                      "an uploaded mask, auto (found by its class word) or auto in rectangle "
-                                      "(found inside the rectangle you draw)")
-            x = gr.Number(d["x"], label="x", elem_id=f"{ELEM}_x_{i}", info="left edge, 0-1")
-            y = gr.Number(d["y"], label="y", elem_id=f"{ELEM}_y_{i}", info="top edge, 0-1")
-            w = gr.Number(d["w"], label="width", elem_id=f"{ELEM}_w_{i}", info="0-1")
-            h = gr.Number(d["h"], label="height", elem_id=f"{ELEM}_h_{i}", info="0-1")
-        mask = compat.mask_upload("Mask (white = this concept)", elem_id=f"{ELEM}_mask_{i}")
-    return group, [name, loras, prompt, negative, class_word, region, x, y, w, h, mask], pick
+            loras = gr.Textbox(d["loras"], label="LoRAs (name:weight, ...)", elem_id=e("loras"), min_width=160,
+                               placeholder="Only in this concept's region")
+            pick = gr.Dropdown(lora_choices, label="Add a LoRA", elem_id=e("pick"), min_width=120)
+            refresh = gr.Button("\u21bb", elem_id=e("refresh"), elem_classes=["mc-tool"], min_width=40,
+                                scale=0)
+    values = [name, loras, prompt, negative, class_word, region, x, y, w, h, mask]
+    for component in values + [pick, refresh]:
+        unsaved(component)
+    return _Concept(tab, values, [box, mask, class_word], pick, refresh, values + [pick, refresh])
 
 
 def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callable[[], list[str]] | None = None) -> Panel:
@@ -73,56 +106,61 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
         choices = []
     with gr.Accordion("Multi-Concept", open=False, elem_id=ELEM):
         with gr.Row():
-            enabled = gr.Checkbox(top["enabled"], label="Enable", elem_id=f"{ELEM}_enabled",
-                                  info="Each concept's LoRAs and prompt apply only in its region")
-            mode = gr.Dropdown(["blend"], value=top["mode"], label="Mode", elem_id=f"{ELEM}_mode",
-                               info="blend: layout pass, then per-concept branches blended under the masks")
-            save_layout = gr.Checkbox(top["save_layout"], label="Also output the layout pass and masks",
-                                      elem_id=f"{ELEM}_save_layout")
-        with gr.Row():
-            start_at = gr.Slider(0, 1, top["start_at"], step=0.05, label="Start blending at",
-                                 elem_id=f"{ELEM}_start_at",
-                                 info="Fraction of steps. Earlier: stronger likeness; later: closer to the layout")
-            feather = gr.Slider(0, 64, top["feather"], step=1, label="Mask feather (px)",
-                                elem_id=f"{ELEM}_feather", info="Softens region edges")
-        with gr.Row():
-            layout_replay = gr.Checkbox(top["layout_replay"], label="Keep the layout (attention replay)",
-                                        elem_id=f"{ELEM}_layout_replay",
-                                        info="The base prompt follows the layout pass's attention")
-            self_until = gr.Slider(0, 1, top["self_attn_replay_until"], step=0.05,
-                                   label="Keep the layout's shapes until", elem_id=f"{ELEM}_self_until",
-                                   info="Fraction of steps with self-attention replay in low-res layers")
-            refine = gr.Checkbox(top["refine_regions"], label="Refine automatic regions while sampling",
-                                 elem_id=f"{ELEM}_refine",
-                                 info="Auto regions follow their subjects (self-attention segments)")
-            auto_grow = gr.Slider(-MAX_GROW_SLIDER, MAX_GROW_SLIDER, top["auto_grow"], step=1,
-                                  label="Grow automatic regions (px)", elem_id=f"{ELEM}_auto_grow",
-                                  info="Found masks grow (> 0) or shrink (< 0): room for hair, hats, outlines")
+            enabled = unsaved(gr.Checkbox(top["enabled"], label="Enable", elem_id=f"{ELEM}_enabled",
+                                          info="Each concept's LoRAs and prompt apply only in its region"))
+            mode = unsaved(gr.Dropdown(["blend"], value=top["mode"], label="Mode", elem_id=f"{ELEM}_mode",
+                                       info="blend: layout pass, then concepts blended in"))
+            count = unsaved(gr.Slider(1, MAX_UI_CONCEPTS, top["count"], step=1, label="Concepts",
+                                      elem_id=f"{ELEM}_count", info="How many to place"))
         gr.HTML(f'<div id="{ELEM}_canvas_slot" class="mc-canvas-slot"></div>')   # the region canvas mounts here
         canvas = gr.Textbox(top["canvas"], elem_id=f"{ELEM}_canvas_data", elem_classes=HIDDEN, show_label=False)
-        with gr.Row():
-            count = gr.Slider(1, MAX_UI_CONCEPTS, top["count"], step=1, label="Concepts",
-                              elem_id=f"{ELEM}_count", info="How many concepts to place")
-            refresh = gr.Button("Refresh LoRA list", elem_id=f"{ELEM}_refresh")
-        groups, rows, picks = [], [], []
-        for i in range(MAX_UI_CONCEPTS):
-            start = len(TOP_FIELDS) + i * len(CONCEPT_FIELDS)
-            group, row, pick = _concept_row(i, defaults[start:start + len(CONCEPT_FIELDS)], choices)
-            groups.append(group)
-            rows.append(row)
-            picks.append(pick)
+        with unsaved(gr.Tabs(elem_id=f"{ELEM}_tabs")):
+            concepts = []
+            for i in range(MAX_UI_CONCEPTS):
+                start = len(TOP_FIELDS) + i * len(CONCEPT_FIELDS)
+                concepts.append(_concept_tab(i, defaults[start:start + len(CONCEPT_FIELDS)], choices))
+        # The folded options: labels unique to this panel, so they may keep saved UI defaults.
+        with gr.Accordion("Options", open=False, elem_id=f"{ELEM}_options"):
+            with gr.Row():
+                start_at = gr.Slider(0, 1, top["start_at"], step=0.05, label="Start blending at",
+                                     elem_id=f"{ELEM}_start_at",
+                                     info="Fraction of steps. Earlier: stronger likeness; later: closer to the layout")
+                self_until = gr.Slider(0, 1, top["self_attn_replay_until"], step=0.05,
+                                       label="Keep the layout's shapes until", elem_id=f"{ELEM}_self_until",
+                                       info="Fraction of steps with self-attention replay in low-res layers")
+            with gr.Row():
+                feather = gr.Slider(0, 64, top["feather"], step=1, label="Mask feather (px)",
+                                    elem_id=f"{ELEM}_feather", info="Softens region edges")
+                auto_grow = gr.Slider(-MAX_GROW_SLIDER, MAX_GROW_SLIDER, top["auto_grow"], step=1,
+                                      label="Grow automatic regions (px)", elem_id=f"{ELEM}_auto_grow",
+                                      info="Found masks grow (> 0) or shrink (< 0): room for hair, hats, outlines")
+            with gr.Row():
+                layout_replay = gr.Checkbox(top["layout_replay"], label="Keep the layout (attention replay)",
+                                            elem_id=f"{ELEM}_layout_replay",
+                                            info="The base prompt follows the layout pass's attention")
+                refine = gr.Checkbox(top["refine_regions"], label="Refine automatic regions while sampling",
+                                     elem_id=f"{ELEM}_refine",
+                                     info="Auto regions follow their subjects (self-attention segments)")
+            with gr.Row():
+                hires_loras = gr.Checkbox(top["hires_loras"], label="Concepts in the hires pass",
+                                          elem_id=f"{ELEM}_hires_loras",
+                                          info="Hires fix: each concept's LoRAs act in its region again")
+                save_layout = gr.Checkbox(top["save_layout"], label="Also output the layout pass and masks",
+                                          elem_id=f"{ELEM}_save_layout",
+                                          info="The layout image, the regions over it, how automatic ones were found")
         job = gr.Textbox(compose(*defaults), elem_id=f"{ELEM}_job", elem_classes=HIDDEN, show_label=False)
         paste_box = gr.Textbox("", visible=False, elem_id=f"{ELEM}_paste")
 
-    controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, refine, auto_grow, count,
-                canvas]
-    controls += [c for row in rows for c in row]
-    _wire(controls, job, paste_box, count, groups, rows, picks, refresh, refresh_lora_names or lora_names)
+    controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, refine, auto_grow,
+                hires_loras, count, canvas]
+    controls += [c for concept in concepts for c in concept.values]
+    compat.value_when_served(job, lambda: compose(*(c.value for c in controls)))
+    _wire(controls, job, paste_box, count, concepts, refresh_lora_names or lora_names)
     _wire_canvas(controls, job, canvas)
-    return Panel(job, paste_box, controls)
+    return Panel(job, paste_box, controls, [concept.components for concept in concepts])
 
 
-def _wire(controls, job, paste_box, count, groups, rows, picks, refresh, lora_names):
+def _wire(controls, job, paste_box, count, concepts, lora_names):
     for control in controls:
         if control.elem_id == f"{ELEM}_canvas_data":
             continue   # _wire_canvas
@@ -134,15 +172,23 @@ def _wire(controls, job, paste_box, count, groups, rows, picks, refresh, lora_na
                                     **compat.latest_wins())
 
     count.change(lambda n: [compat.update(visible=i < int(n)) for i in range(MAX_UI_CONCEPTS)],
-                 inputs=[count], outputs=groups, show_progress=False)
-    for pick, row in zip(picks, rows):
-        loras_box = row[1]
-        pick.select(lambda text, name: add_lora(text, name), inputs=[loras_box, pick], outputs=[loras_box],
-                    show_progress=False).then(compose, inputs=controls, outputs=[job], show_progress=False)
+                 inputs=[count], outputs=[concept.tab for concept in concepts], show_progress=False)
+    picks = [concept.pick for concept in concepts]
+    for concept in concepts:
+        # only what this concept's region kind needs; on every change (a paste or the canvas too),
+        # and it only shows or hides: the job is not touched
+        region = concept.values[CONCEPT_FIELDS.index("region")]
+        region.change(lambda kind: [compat.update(visible=v) for v in shown_fields(kind).values()],
+                      inputs=[region], outputs=concept.shown_by_region, show_progress=False, queue=False)
+        loras_box = concept.values[CONCEPT_FIELDS.index("loras")]
+        concept.pick.select(lambda text, name: add_lora(text, name), inputs=[loras_box, concept.pick],
+                            outputs=[loras_box], show_progress=False).then(
+            compose, inputs=controls, outputs=[job], show_progress=False)
 
     def refreshed():
         return [compat.update(choices=sorted(lora_names())) for _ in picks]
-    refresh.click(refreshed, outputs=picks, show_progress=False)
+    for concept in concepts:
+        concept.refresh.click(refreshed, outputs=picks, show_progress=False)
 
     def pasted(text):
         values = decompose(text)

@@ -21,24 +21,32 @@ from ..regions import PRESETS
 
 MAX_UI_CONCEPTS = 6
 TOP_FIELDS = ("enabled", "mode", "start_at", "layout_replay", "self_attn_replay_until", "feather",
-              "save_layout", "refine_regions", "auto_grow", "count", "canvas")
+              "save_layout", "refine_regions", "auto_grow", "hires_loras", "count", "canvas")
 NUMBER_FIELDS = ("start_at", "self_attn_replay_until", "feather", "auto_grow")
 CONCEPT_FIELDS = ("name", "loras", "prompt", "negative_prompt", "class_word", "region", "x", "y", "w", "h",
                   "mask")
 DRAWN = "drawn"   # region control value: the region comes from the canvas
 AUTO_BOX = "auto in rectangle"   # found by its class word inside the rectangle (x, y, w, h)
 REGION_CHOICES = list(PRESETS) + ["rectangle", DRAWN, "mask", "auto", AUTO_BOX]
+BOX_KINDS = ("rectangle", AUTO_BOX)    # region kinds whose x, y, w, h the user types
+AUTO_KINDS = ("auto", AUTO_BOX)        # found by the class word
 DEFAULT_PRESETS = ["left half", "right half", "middle third", "full", "full", "full"]
 
 
 def default_values() -> list:
     job = Job()
     top = [False, job.mode, job.start_at, job.layout_replay, job.self_attn_replay_until, job.feather,
-           job.save_layout, job.refine_regions, job.auto_grow, 2, ""]
+           job.save_layout, job.refine_regions, job.auto_grow, job.hires_loras, 2, ""]
     rows = []
     for i in range(MAX_UI_CONCEPTS):
         rows += [f"concept {i + 1}", "", "", "", "", DEFAULT_PRESETS[i], 0.0, 0.0, 1.0, 1.0, None]
     return top + rows
+
+
+def shown_fields(kind: str) -> dict[str, bool]:
+    """Which of a concept's region-dependent fields its region kind needs on screen: the numbers
+    for a typed rectangle, the upload for a mask, the class word for automatic regions."""
+    return {"box": kind in BOX_KINDS, "mask": kind == "mask", "class_word": kind in AUTO_KINDS}
 
 
 def format_loras(loras) -> str:
@@ -223,7 +231,7 @@ def decompose(text: str) -> list | None:
     if None in z:   # partly given: an unranked concept ranks by its list index, as in the plan
         z = [c.z if c.z is not None else i for i, c in enumerate(shown)]
     values = [job.enabled, job.mode, job.start_at, job.layout_replay, job.self_attn_replay_until, job.feather,
-              job.save_layout, job.refine_regions, job.auto_grow, len(shown), canvas_text(drawn, z)]
+              job.save_layout, job.refine_regions, job.auto_grow, job.hires_loras, len(shown), canvas_text(drawn, z)]
     defaults = default_values()
     for i in range(MAX_UI_CONCEPTS):
         if i >= len(job.concepts):

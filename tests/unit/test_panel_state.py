@@ -9,8 +9,8 @@ from PIL import Image
 
 from lib_mc.job import JobError, parse_job
 from lib_mc.regions import region_mask
-from lib_mc.ui.panel_state import (AUTO_BOX, CONCEPT_FIELDS, DRAWN, TOP_FIELDS, add_lora, apply_canvas, compose, decompose,
-                                   default_values, parse_loras)
+from lib_mc.ui.panel_state import (AUTO_BOX, CONCEPT_FIELDS, DRAWN, REGION_CHOICES, TOP_FIELDS, add_lora, apply_canvas,
+                                   compose, decompose, default_values, parse_loras, shown_fields)
 
 
 def set_row(values, i, **fields):
@@ -49,6 +49,27 @@ def test_controls_round_trip_through_json():
     again = decompose(text)
     assert compose(*again) == text
     assert again[TOP_FIELDS.index("count")] == 3
+
+
+def test_concepts_in_the_hires_pass_round_trips_through_the_job_and_a_paste():
+    values = default_values()
+    assert parse_job(compose(*values)).hires_loras is True   # the job's default
+    values[TOP_FIELDS.index("hires_loras")] = False
+    text = compose(*values)
+    assert json.loads(text)["hires_loras"] is False and parse_job(text).hires_loras is False
+    assert decompose(text)[TOP_FIELDS.index("hires_loras")] is False
+    pasted = decompose(json.dumps({"hires_loras": False, "concepts": [{"name": "a"}]}))
+    assert pasted[TOP_FIELDS.index("hires_loras")] is False
+    assert decompose(json.dumps({"concepts": [{"name": "a"}]}))[TOP_FIELDS.index("hires_loras")] is True
+
+
+def test_a_concept_shows_only_the_fields_its_region_kind_needs():
+    shown = {kind: {name for name, on in shown_fields(kind).items() if on} for kind in REGION_CHOICES}
+    assert shown["rectangle"] == {"box"}
+    assert shown[AUTO_BOX] == {"box", "class_word"}
+    assert shown["auto"] == {"class_word"}
+    assert shown["mask"] == {"mask"}
+    assert shown[DRAWN] == shown["left half"] == shown["full"] == set()
 
 
 def test_pasting_something_that_is_not_a_job_changes_nothing():

@@ -1,4 +1,4 @@
-"""Linear/Conv forward that adds each concept's LoRA delta to that concept's rows only."""
+"""Linear/Conv/norm forward that adds each concept's LoRA delta to that concept's rows only."""
 
 from __future__ import annotations
 
@@ -7,16 +7,26 @@ import torch
 from .state import RunState
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in: autocast's for its device, else the input's. Never the
+    weight's storage dtype (A1111's 'FP8 weight' stores float8 and computes in fp16)."""
+    if x.device.type == "cuda" and torch.is_autocast_enabled():
+        return torch.get_autocast_gpu_dtype()
+    if x.device.type == "cpu" and torch.is_autocast_cpu_enabled():
+        return torch.get_autocast_cpu_dtype()
+    return x.dtype
+
+
 def make_lora_forward(original, ops_by_concept: dict[int, list], run: RunState):
-    # the ops follow the input's device and dtype: a host may move or cast the UNet after the
-    # job was prepared (Forge loads it to the GPU for sampling, or computes in another dtype)
+    # the ops follow the input's device and compute dtype: a host may move or cast the UNet after
+    # the job was prepared (Forge loads it to the GPU for sampling, or computes in another dtype);
+    # each op keeps what it placed (dense and DoRA parts included) for the session
     placed: dict[tuple, dict[int, list]] = {}
 
     def ops_for(x):
-        dtype = None if torch.is_autocast_enabled() else x.dtype   # under autocast, as the layer's own weight
-        key = (x.device, dtype)
+        key = (x.device, compute_dtype(x))
         if key not in placed:
-            placed[key] = {c: [op.to(x.device, dtype) for op in ops] for c, ops in ops_by_concept.items()}
+            placed[key] = {c: [op.to(*key) for op in ops] for c, ops in ops_by_concept.items()}
         return placed[key]
 
     def forward(x, *args, **kwargs):

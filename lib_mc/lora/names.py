@@ -50,7 +50,7 @@ def diffusers_to_ldm(key: str) -> list[str]:
         return [f"output_blocks_{2 + 3 * i}_2_conv", f"output_blocks_{2 + 3 * i}_1_conv"]
     if m := re.fullmatch(r"time_embedding_linear_(\d+)", key):
         return [f"time_embed_{0 if m[1] == '1' else 2}"]
-    simple = {"conv_in": "input_blocks_0_0", "conv_out": "out_2"}
+    simple = {"conv_in": "input_blocks_0_0", "conv_out": "out_2", "conv_norm_out": "out_0"}
     return [simple[key]] if key in simple else []
 
 
@@ -64,11 +64,16 @@ def is_linear(module: nn.Module) -> bool:
             and hasattr(module, "in_features"))
 
 
+def is_norm(module: nn.Module) -> bool:
+    """GroupNorm/LayerNorm (ldm's GroupNorm32 and Forge's own norms subclass them)."""
+    return isinstance(module, (nn.GroupNorm, nn.LayerNorm))
+
+
 def layer_modules(unet: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-    """kohya key -> (module name, module) for every Linear/Conv layer of the UNet."""
+    """kohya key -> (module name, module) for every Linear/Conv/norm layer of the UNet."""
     table = {}
     for name, module in unet.named_modules():
-        if is_linear(module) or isinstance(module, nn.Conv2d):
+        if is_linear(module) or isinstance(module, nn.Conv2d) or is_norm(module):
             table[PREFIX + name.replace(".", "_")] = (name, module)
     return table
 

@@ -1,8 +1,9 @@
-"""LoRA files in kohya format, parsed into per-layer deltas the engine can apply to batch rows.
+"""LoRA files in kohya/LyCORIS format, parsed into per-layer deltas the engine applies to batch rows.
 
-Low-rank LoRA (incl. LoCon convs and a Tucker `lora_mid`) stays low-rank: the engine applies it
-as x @ down @ up on the rows that need it. LoHa, LoKr and full `diff` layers become a dense
-weight delta, computed once per generation.
+Every type A1111's Lora extension loads is read (see `formats.py`): LoRA and LoCon (incl. a
+Tucker `lora_mid`) stay low-rank, LoHa, LoKr and full `diff` become a dense delta, OFT/BOFT,
+IA3, GLoRA and norm layers keep their factors, and a `dora_scale` wraps any of them as DoRA.
+A layer of a type nobody knows is kept in `skipped` with its parts, for the warnings.
 """
 
 from __future__ import annotations
@@ -13,27 +14,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import PlanError
+from .deltas import Decomposed, Dense, LayerDelta, LowRank
+from .formats import COMMON_PARTS, TYPES
 
+__all__ = ["Dense", "LowRank", "Network", "load_network", "parse_network"]
 
-@dataclass
-class LowRank:
-    down: torch.Tensor          # (r, in) or (r, in, kh, kw)
-    up: torch.Tensor            # (out, r) or (out, r, 1, 1)
-    mid: torch.Tensor | None    # (r, r, kh, kw) for Tucker-decomposed convs
-    scale: float                # alpha / rank
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-
-@dataclass
-class Dense:
-    weight: torch.Tensor        # delta, reshaped to the layer's weight shape at bind time
-    bias: torch.Tensor | None = None
-
-
-LayerDelta = LowRank | Dense
+# kohya's OFT trainer writes `oft_unet_...`; the layer names after the prefix are the same
+_UNET_PREFIXES = ("lora_unet_", "oft_unet_")
 
 
 @dataclass
@@ -42,7 +29,8 @@ class Network:
     name: str
     unet: dict[str, LayerDelta] = field(default_factory=dict)
     text_encoder_keys: int = 0
-    skipped: dict[str, str] = field(default_factory=dict)   # layer key -> why
+    skipped: dict[str, str] = field(default_factory=dict)        # UNet layer key -> why
+    ignored_parts: dict[str, list[str]] = field(default_factory=dict)   # layer key -> parts not read
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -65,57 +53,24 @@ def load_network(path: str, name: str | None = None) -> Network:
     return parse_network(state, name)
 
 
-def _alpha(parts: dict[str, torch.Tensor]) -> float | None:
-    alpha = parts.get("alpha")
-    return None if alpha is None else float(alpha)
-
-
-def _lowrank(parts, name, key) -> LowRank:
-    down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
-    mid = parts.get("lora_mid.weight")
-    if down.shape[0] != up.shape[1]:
-        raise PlanError(f"lora '{name}'", f"{key}: rank of down {tuple(down.shape)} and up {tuple(up.shape)} differ")
-    alpha = _alpha(parts)
-    scale = 1.0 if alpha is None else alpha / down.shape[0]
-    return LowRank(down, up, None if mid is None else mid.float(), scale)
-
-
-def _loha(parts, name, key) -> Dense:
-    if "hada_t1" in parts or "hada_t2" in parts:
-        raise PlanError(f"lora '{name}'", f"{key}: LoHa with Tucker factors is not supported")
-    w1 = parts["hada_w1_a"].float() @ parts["hada_w1_b"].float()
-    w2 = parts["hada_w2_a"].float() @ parts["hada_w2_b"].float()
-    alpha = _alpha(parts)
-    scale = 1.0 if alpha is None else alpha / parts["hada_w1_b"].shape[0]
-    return Dense(w1 * w2 * scale)
-
-
-def _lokr(parts, name, key) -> Dense:
-    if "lokr_t2" in parts:
-        raise PlanError(f"lora '{name}'", f"{key}: LoKr with a Tucker factor is not supported")
-    w1 = parts["lokr_w1"].float() if "lokr_w1" in parts else parts["lokr_w1_a"].float() @ parts["lokr_w1_b"].float()
-    w2 = parts["lokr_w2"].float() if "lokr_w2" in parts else parts["lokr_w2_a"].float() @ parts["lokr_w2_b"].float()
-    rank = parts["lokr_w1_b"].shape[0] if "lokr_w1_b" in parts else (
-        parts["lokr_w2_b"].shape[0] if "lokr_w2_b" in parts else None)
-    alpha = _alpha(parts)
-    scale = 1.0 if alpha is None or rank is None else alpha / rank
-    if w2.dim() == 4:
-        w1 = w1[:, :, None, None]
-    return Dense(torch.kron(w1, w2) * scale)
-
-
-def _full(parts, name, key) -> Dense:
-    bias = parts.get("diff_b")
-    return Dense(parts["diff"].float(), None if bias is None else bias.float())
-
-
-# (keys that identify the type, parser)
-_TYPES = (
-    ({"lora_down.weight", "lora_up.weight"}, _lowrank),
-    ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, _loha),
-    ({"lokr_w1"}, _lokr), ({"lokr_w1_a"}, _lokr),
-    ({"diff"}, _full),
-)
+def _parse_layer(network: Network, layer_key: str, parts: dict[str, torch.Tensor]) -> None:
+    for required, reads, parse in TYPES:
+        if required <= parts.keys():
+            break
+    else:
+        network.skipped[layer_key] = f"unknown network type (parts: {', '.join(sorted(parts))})"
+        return
+    try:
+        delta = parse(parts, network.name, layer_key)
+    except NotImplementedError as exc:
+        network.skipped[layer_key] = str(exc)
+        return
+    if "dora_scale" in parts:
+        delta = Decomposed(delta, parts["dora_scale"].float())
+    network.unet[layer_key] = delta
+    ignored = sorted(parts.keys() - reads - COMMON_PARTS)
+    if ignored:
+        network.ignored_parts[layer_key] = ignored
 
 
 def parse_network(state: dict[str, torch.Tensor], name: str) -> Network:
@@ -127,16 +82,12 @@ def parse_network(state: dict[str, torch.Tensor], name: str) -> Network:
     for layer_key, parts in layers.items():
         if layer_key.startswith("lora_te"):
             network.text_encoder_keys += 1
-            continue
-        if not layer_key.startswith("lora_unet_"):
-            network.skipped[layer_key] = "not a UNet or text-encoder key"
-            continue
-        for required, parse in _TYPES:
-            if required <= parts.keys():
-                network.unet[layer_key] = parse(parts, name, layer_key)
-                break
-        else:
-            network.skipped[layer_key] = f"unknown network type (parts: {sorted(parts)})"
+        elif layer_key.startswith(_UNET_PREFIXES):
+            _parse_layer(network, "lora_unet_" + layer_key.split("_unet_", 1)[1], parts)
     if not network.unet and not network.text_encoder_keys:
+        if network.skipped:
+            key, why = next(iter(network.skipped.items()))
+            raise PlanError(f"lora '{name}'", f"none of its {len(network.skipped)} UNet layers is of a type "
+                                              f"Multi-Concept can apply (e.g. {key}: {why})")
         raise PlanError(f"lora '{name}'", "holds no LoRA layers in kohya format")
     return network

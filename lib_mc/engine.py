@@ -1,16 +1,20 @@
 """Two-stage multi-concept sampling (OMG), host-independent.
 
 A host runs its sampler twice with identical noise and routes every denoiser call through
-`session.denoise(model_fn, x, sigma, cond, n_cond=..., step=..., total_steps=...)`, where
-`model_fn(x, sigma, cond)` is its own inner model (k-diffusion wrapper or eps model) and
-the rows of `x` are [cond rows, uncond rows].
+`session.denoise(model_fn, x, sigma, cond, n_cond=..., step=..., total_steps=..., images=...)`,
+where `model_fn(x, sigma, cond)` is its own inner model (k-diffusion wrapper or eps model), the
+rows of `x` are [cond rows, uncond rows], `step` counts the host's CFG evaluations (unique per
+evaluation) and `images` says which image of the batch each row is (default: rows i and
+n_cond + i are image i).
 
-- Stage 1 (`with session.stage1():`) is a plain run; each call's cond-half input, sigma and
-  output are recorded.
+- Stage 1 (`with session.stage1():`) is a plain run; every row's input, sigma and output are
+  recorded under (evaluation, cond or uncond, image), so stage 2 does not depend on how the host
+  splits its calls (batched cond/uncond, separate calls, Forge's memory-based batching).
 - Stage 2 (`with session.stage2():`) returns the recorded output before the start step (no
-  UNet work) and from then on makes ONE batched call: layout rows (stage 1's input, cond only),
-  base rows and each concept's rows, then blends the predictions under the region weights.
-  Blending is linear, so it holds for x0 and eps outputs and commutes with the host's CFG.
+  UNet work) and from then on makes one batched call per host call: layout rows (stage 1's
+  input, cond only), base rows and each concept's rows, then blends the predictions under the
+  region weights. Blending is linear, so it holds for x0 and eps outputs and commutes with the
+  host's CFG.
 """
 
 from __future__ import annotations
@@ -37,9 +41,29 @@ from .rows import RowGroup, RowPlan
 
 @dataclass
 class Recorded:
-    x_cond: torch.Tensor
+    """One row of one stage-1 evaluation."""
+    x: torch.Tensor
     sigma: torch.Tensor
     out: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CallImages:
+    """Which image of the host's batch each row of one host call is: the cond rows, then the
+    uncond rows (a host that splits cond and uncond makes calls with one of them empty)."""
+    cond: tuple[int, ...]
+    uncond: tuple[int, ...]
+
+    @classmethod
+    def batched(cls, n_cond: int, rows: int) -> "CallImages":
+        return cls(tuple(range(n_cond)), tuple(range(rows - n_cond)))
+
+    def keys(self) -> list[tuple[bool, int]]:
+        return [(True, b) for b in self.cond] + [(False, b) for b in self.uncond]
+
+    @property
+    def all(self) -> list[int]:
+        return list(self.cond) + list(self.uncond)
 
 
 @dataclass
@@ -69,7 +93,7 @@ class MultiConceptSession:
         self.unet, self.plan, self.context_key = unet, plan, context_key
         self.run = RunState()
         self.patches = PatchSet()
-        self.records: list[Recorded] = []
+        self.records: dict[int, dict[tuple[bool, int], Recorded]] = {}   # evaluation -> (cond?, image) -> row
         self.stats = Stats()
         self.phase: str | None = None
         self._call_index = 0
@@ -111,7 +135,8 @@ class MultiConceptSession:
             out = host(q, k, v)
             recorder = self.recorder
             if cross and recorder is not None and recorder.wants(k.shape[1]):
-                recorder.record(q[:recorder.n_cond], k[:recorder.n_cond], heads)
+                n = len(recorder.images)
+                recorder.record(q[:n], k[:n], heads)
             return out
         call = self.run.call
         if self.phase != "blend" or call is None:
@@ -154,28 +179,45 @@ class MultiConceptSession:
     # ---- the denoiser call --------------------------------------------------------------
 
     def denoise(self, model_fn, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, *,
-                n_cond: int, step: int, total_steps: int) -> torch.Tensor:
+                n_cond: int, step: int, total_steps: int, images: CallImages | None = None) -> torch.Tensor:
+        if images is None:
+            images = CallImages.batched(n_cond, x.shape[0])
+        if len(images.cond) != n_cond or len(images.cond) + len(images.uncond) != x.shape[0]:
+            raise EngineError(f"a call of {x.shape[0]} rows ({n_cond} cond) was labelled with images {images}")
         if self.phase == "record":
             if self.recorder is not None:
                 self.recorder.active = step >= self.plan.auto_from_step(total_steps)
-                self.recorder.n_cond = n_cond
+                self.recorder.images = images.cond
             out = self._model(model_fn, x, sigma, cond)
-            self.records.append(Recorded(x[:n_cond].clone(), sigma.clone(), out.clone()))
+            record = self.records.setdefault(step, {})
+            for row, key in enumerate(images.keys()):
+                record[key] = Recorded(x[row].clone(), sigma[row].clone(), out[row].clone())
             return out
         if self.phase != "blend":
             return model_fn(x, sigma, cond)
-        index, self._call_index = self._call_index, self._call_index + 1
-        if index >= len(self.records):
-            raise EngineError(f"stage 2 made more denoiser calls than stage 1 ({len(self.records)}): "
-                              "the two runs must use the same sampler and steps")
-        record = self.records[index]
+        recorded = self._recorded(step, images)
         if step < self.plan.start_step(total_steps):
-            if not (torch.equal(x[:n_cond], record.x_cond) and torch.equal(sigma, record.sigma)):
-                raise EngineError(f"stage 2 left stage 1's path at call {index} before blending started: "
-                                  "the initial or ancestral noise was not replayed")
+            for row, r in enumerate(recorded):
+                if not (torch.equal(x[row], r.x) and torch.equal(sigma[row], r.sigma)):
+                    raise EngineError(f"stage 2 left stage 1's path at evaluation {step} before blending "
+                                      "started: the initial or ancestral noise was not replayed")
             self.stats.replayed_calls += 1
-            return record.out.clone()
-        return self._blend_call(model_fn, x, sigma, cond, n_cond, record, step, total_steps)
+            return torch.stack([r.out for r in recorded])
+        layout_x = torch.stack([r.x for r in recorded[:n_cond]]) if n_cond else x[:0]
+        return self._blend_call(model_fn, x, sigma, cond, images, layout_x, step, total_steps)
+
+    def _recorded(self, step: int, images: CallImages) -> list[Recorded]:
+        """Stage 1's rows for the rows of this stage-2 call."""
+        record = self.records.get(step)
+        if record is None:
+            raise EngineError(f"stage 2 made denoiser evaluation {step + 1}, stage 1 made {len(self.records)}: "
+                              "the sampler's number of model calls changed between the passes")
+        missing = [key for key in images.keys() if key not in record]
+        if missing:
+            kind, image = missing[0]
+            raise EngineError(f"stage 2 asked evaluation {step + 1} for the {'cond' if kind else 'uncond'} row of "
+                              f"image {image}, which stage 1 did not compute")
+        return [record[key] for key in images.keys()]
 
     def _model(self, model_fn, x, sigma, cond, call: CallState | None = None) -> torch.Tensor:
         self.stats.unet_calls += 1
@@ -186,15 +228,14 @@ class MultiConceptSession:
         finally:
             self.run.call = None
 
-    def _blend_call(self, model_fn, x, sigma, cond, n_cond, record, step, total_steps) -> torch.Tensor:
+    def _blend_call(self, model_fn, x, sigma, cond, images: CallImages, layout_x, step, total_steps) -> torch.Tensor:
         if tuple(x.shape[-2:]) != self.plan.regions.latent_hw:
             raise EngineError(f"latent {tuple(x.shape[-2:])} does not match the plan's "
                               f"{self.plan.regions.latent_hw} (image {self.plan.image_size})")
-        n_uncond = x.shape[0] - n_cond
-        parts = self._parts(x, sigma, cond, n_cond, n_uncond, record)
+        parts = self._parts(x, sigma, cond, images, layout_x)
         outputs: dict[tuple[str, int], torch.Tensor] = {}
         replay_self = step < self.plan.self_replay_until_step(total_steps)
-        refine = self._refine_now(step, total_steps)
+        refine = bool(images.cond) and self._refine_now(step, total_steps)
         for chunk in self._chunks(parts):
             rows = RowPlan()
             for part in chunk:
@@ -206,11 +247,11 @@ class MultiConceptSession:
             out = self._model(model_fn, torch.cat([p.x for p in chunk]), torch.cat([p.sigma for p in chunk]),
                               conds, call)
             if "self" in call.captured:
-                self._refine(call.captured["self"], step)
+                self._refine(call.captured["self"], step, images.cond)
                 refine = False
             for group in rows.groups:
                 outputs[(group.kind, group.index)] = out[group.rows]
-        weights = self.plan.weights_on(x, n_cond)
+        weights = self.plan.weights_for(x, images.all)
         blended = outputs[("base", -1)] * weights[0]
         for index in range(len(self.plan.concepts)):
             blended = blended + outputs[("concept", index)] * weights[index + 1]
@@ -278,18 +319,21 @@ class MultiConceptSession:
         self._refined_steps.add(step)
         return True
 
-    def _refine(self, attention: torch.Tensor, step: int) -> None:
-        """attention: (B, n, n) base-row self-attention at the latent/4 grid -> new auto masks.
-        The blend of this very call already used the old masks; the next calls use the new."""
+    def _refine(self, attention: torch.Tensor, step: int, images: tuple[int, ...]) -> None:
+        """attention: (rows, n, n) base-row self-attention at the latent/4 grid, row i of image
+        images[i] -> new auto masks for those images. The blend of this very call already used
+        the old masks; the next calls use the new."""
         plan = self.plan
         grid = plan.regions.grid_for_tokens(attention.shape[-1])
         found = plan.found_masks
         current = torch.nn.functional.adaptive_avg_pool2d(found.float(), grid) > 0.5
         k = plan.options.refine_clusters or len(plan.concepts) + 2
-        refined = torch.stack([refine_masks(attention[b].cpu(), current[min(b, len(current) - 1)].float(), k)
-                               for b in range(attention.shape[0])])
-        # back at the found masks' resolution, so growing and boxes keep their pixel precision
-        refined = torch.nn.functional.interpolate(refined, size=tuple(found.shape[-2:]), mode="nearest")
+        refined = found.float().clone()
+        for row, image in enumerate(images):
+            mine = min(image, len(found) - 1)
+            new = refine_masks(attention[row].cpu(), current[mine].float(), k)
+            # back at the found masks' resolution, so growing and boxes keep their pixel precision
+            refined[mine] = torch.nn.functional.interpolate(new[None], size=tuple(found.shape[-2:]), mode="nearest")[0]
         refined = self._finished(refined)
         plan.mask_steps.append((f"refined at step {step + 1}", refined))
         plan.resolve_auto(refined)
@@ -301,27 +345,30 @@ class MultiConceptSession:
 
     # ---- batch assembly -----------------------------------------------------------------
 
-    def _parts(self, x, sigma, cond, n_cond, n_uncond, record) -> list[_Part]:
+    def _parts(self, x, sigma, cond, images: CallImages, layout_x) -> list[_Part]:
         def rows(c: Conditioning, sl: slice) -> Conditioning:
             return {k: v[sl] for k, v in c.items()}
 
+        n_cond, n_uncond = len(images.cond), len(images.uncond)
         cond_rows, uncond_rows = slice(0, n_cond), slice(n_cond, n_cond + n_uncond)
         parts = []
-        if self.plan.options.layout_replay:
-            parts.append(_Part(RowGroup("layout", -1, 0, n_cond, 0), record.x_cond, sigma[cond_rows],
+        if self.plan.options.layout_replay and n_cond:
+            parts.append(_Part(RowGroup("layout", -1, 0, n_cond, 0), layout_x, sigma[cond_rows],
                                [rows(cond, cond_rows)]))
         parts.append(_Part(RowGroup("base", -1, 0, n_cond, n_uncond), x, sigma, [cond]))
         for index, concept in enumerate(self.plan.concepts):
-            blocks = [_override(rows(cond, cond_rows), concept.cond, n_cond)]
+            blocks = []
+            if n_cond:
+                blocks.append(_override(rows(cond, cond_rows), concept.cond, images.cond))
             if n_uncond:
-                blocks.append(_override(rows(cond, uncond_rows), concept.uncond, n_uncond))
+                blocks.append(_override(rows(cond, uncond_rows), concept.uncond, images.uncond))
             parts.append(_Part(RowGroup("concept", index, 0, n_cond, n_uncond), x, sigma, blocks))
         return parts
 
     def _chunks(self, parts: list[_Part]) -> list[list[_Part]]:
         """Layout and base rows share a call (replay reads across them); concepts fill up to the cap."""
         limit = self.plan.options.max_rows_per_call
-        head = 2 if self.plan.options.layout_replay else 1
+        head = 2 if parts[0].group.kind == "layout" else 1
         chunks = [parts[:head]]
         for part in parts[head:]:
             size = sum(p.group.size for p in chunks[-1])
@@ -354,15 +401,20 @@ class MultiConceptSession:
         return stacked, key_mask
 
 
-def _override(rows: Conditioning, own: Conditioning | None, n: int) -> Conditioning:
-    """The host's rows with the concept's own prompt tensors in place (batch 1 broadcast to n)."""
-    if own is None or n == 0:
+def _override(rows: Conditioning, own: Conditioning | None, images: tuple[int, ...]) -> Conditioning:
+    """The host's rows with the concept's own prompt tensors in place: one row for every image
+    (broadcast) or one per image of the batch (per-image prompts), picked by image."""
+    if own is None or not images:
         return rows
     merged = dict(rows)
     like = next(iter(rows.values()))
     for key, tensor in own.items():
         tensor = tensor.to(like.device, rows[key].dtype if key in rows else like.dtype)
-        merged[key] = tensor.expand(n, *tensor.shape[1:]) if tensor.shape[0] == 1 else tensor
-        if merged[key].shape[0] != n:
-            raise EngineError(f"concept conditioning '{key}' has {tensor.shape[0]} rows for a batch of {n}")
+        if tensor.shape[0] == 1:
+            merged[key] = tensor.expand(len(images), *tensor.shape[1:])
+        elif max(images) < tensor.shape[0]:
+            merged[key] = tensor[torch.tensor(images, device=tensor.device)]
+        else:
+            raise EngineError(f"concept conditioning '{key}' has {tensor.shape[0]} rows; the call needs image "
+                              f"{max(images)}")
     return merged

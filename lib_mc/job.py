@@ -66,6 +66,7 @@ class Job:
     save_layout: bool = False
     refine_regions: bool = False      # automatic regions follow the subjects during sampling
     auto_grow: float = 0.0            # automatic regions: grow (> 0) or shrink found masks, image pixels
+    hires_loras: bool = True          # hires fix: each concept's LoRAs act in its (upscaled) region
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -74,7 +75,7 @@ class Job:
             "start_at": self.start_at, "layout_replay": self.layout_replay,
             "self_attn_replay_until": self.self_attn_replay_until, "feather": self.feather,
             "save_layout": self.save_layout, "refine_regions": self.refine_regions, "auto_grow": self.auto_grow,
-            "concepts": [_concept_dict(c) for c in self.concepts],
+            "hires_loras": self.hires_loras, "concepts": [_concept_dict(c) for c in self.concepts],
         }
 
 
@@ -230,6 +231,7 @@ def parse_job(raw: Any) -> Job:
         save_layout=_bool(raw, "save_layout", False, ""),
         refine_regions=_bool(raw, "refine_regions", False, ""),
         auto_grow=_num(raw, "auto_grow", 0.0, "", -MAX_GROW_PX, MAX_GROW_PX),
+        hires_loras=_bool(raw, "hires_loras", True, ""),
         concepts=[_concept(c, i) for i, c in enumerate(concepts)],
     )
     if job.enabled and not job.concepts:

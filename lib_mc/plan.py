@@ -88,13 +88,12 @@ class Plan:
         self.image_regions = per_image
         self.regions = per_image[0]
 
-    def weights_on(self, x: torch.Tensor, n_cond: int) -> torch.Tensor:
-        """Blend weights (n + 1, rows or 1, 1, h, w) for the rows of x: [cond rows, uncond rows]."""
+    def weights_for(self, x: torch.Tensor, images: list[int]) -> torch.Tensor:
+        """Blend weights (n + 1, rows or 1, 1, h, w) for the rows of x, row r being of image images[r]."""
         if self.image_regions is None:
             return self.regions.latent_on(x)
-        images = len(self.image_regions)
-        rows = [r if r < n_cond else (r - n_cond) for r in range(x.shape[0])]
-        stacked = torch.stack([self.image_regions[min(r, images - 1)].latent for r in rows], 1)
+        last = len(self.image_regions) - 1
+        stacked = torch.stack([self.image_regions[min(b, last)].latent for b in images], 1)
         return stacked.to(x.device, x.dtype)[:, :, None]
 
     def start_step(self, total_steps: int) -> int:

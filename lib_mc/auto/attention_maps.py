@@ -20,20 +20,23 @@ class AttentionRecorder:
         self.tokens = tokens                  # per watched concept: context positions
         self.flat = sorted({t for group in tokens for t in group})
         self.active = False
-        self.n_cond = 0
-        self.sums: dict[int, torch.Tensor] = {}   # n_query_tokens -> (B, n_flat, n) summed probabilities
-        self.counts: dict[int, int] = {}
+        self.images: tuple[int, ...] = ()     # the image of each cond row of the call in flight (none: no cond rows)
+        # n_query_tokens -> image -> (n_flat, n) summed probabilities, and how many were summed: per
+        # image, so calls that split the batch (or hold no cond rows at all) add up the same
+        self.sums: dict[int, dict[int, torch.Tensor]] = {}
+        self.counts: dict[int, dict[int, int]] = {}
 
     def wants(self, context_tokens: int) -> bool:
-        return self.active and bool(self.flat) and context_tokens > self.flat[-1]
+        return self.active and bool(self.flat) and bool(self.images) and context_tokens > self.flat[-1]
 
     def make_forward(self, module, original):
         """A forward for an ldm attention module instance (A1111)."""
         def forward(x, context=None, mask=None, **kwargs):
             out = original(x, context=context, mask=mask, **kwargs)
             if context is not None and self.wants(context.shape[1]):
+                n = len(self.images)
                 with torch.no_grad():
-                    self.record(module.to_q(x[:self.n_cond]), module.to_k(context[:self.n_cond]), module.heads)
+                    self.record(module.to_q(x[:n]), module.to_k(context[:n]), module.heads)
             return out
         return forward
 
@@ -44,23 +47,25 @@ class AttentionRecorder:
         q = q.reshape(b, n, heads, inner // heads).transpose(1, 2).float()
         k = k.reshape(b, -1, heads, inner // heads).transpose(1, 2).float()
         probs = (q @ k.transpose(-1, -2) * (inner // heads) ** -0.5).softmax(-1)   # (b, h, n, T)
-        picked = probs[..., self.flat].mean(1).transpose(1, 2)                     # (b, n_flat, n)
-        if n in self.sums and self.sums[n].shape[0] == b:
-            self.sums[n] += picked.cpu()
-        else:
-            self.sums[n] = picked.cpu()
-        self.counts[n] = self.counts.get(n, 0) + 1
+        picked = probs[..., self.flat].mean(1).transpose(1, 2).cpu()               # (b, n_flat, n)
+        sums, counts = self.sums.setdefault(n, {}), self.counts.setdefault(n, {})
+        for row, image in enumerate(self.images[:b]):
+            sums[image] = sums[image] + picked[row] if image in sums else picked[row]
+            counts[image] = counts.get(image, 0) + 1
 
     def maps(self, latent_hw: tuple[int, int], grids: list[tuple[int, int]]) -> torch.Tensor:
         """(B, n_concepts, h, w) at latent size: each grid's mean map, scaled to a maximum of 1,
         upsampled and summed over the grids (coarse grids place the subject, fine ones its edges)."""
         by_tokens = {h * w: (h, w) for h, w in grids}
         total = None
-        for n, summed in self.sums.items():
+        for n, by_image in self.sums.items():
             hw = by_tokens.get(n)
             if hw is None:
                 continue
-            grid = (summed / self.counts[n]).view(summed.shape[0], summed.shape[1], *hw)
+            if sorted(by_image) != list(range(len(by_image))):
+                raise RuntimeError(f"cross-attention was recorded for images {sorted(by_image)} only")
+            summed = torch.stack([by_image[b] / self.counts[n][b] for b in range(len(by_image))])
+            grid = summed.view(summed.shape[0], summed.shape[1], *hw)
             grid = stretch(grid)   # each grid counts alike, whatever its attention's spread
             up = F.interpolate(grid, size=latent_hw, mode="bilinear", align_corners=False)
             total = up if total is None else total + up

@@ -98,10 +98,10 @@ def _routing(cfg, state: webui.JobState, counter: webui.StepCount) -> PatchSet:
     def inner_forward(original_forward):
         def forward(x_in, sigma_in, **kwargs):
             plain, pack = unpack_cond(kwargs.pop("cond"))
-            n_cond = rows.take(x_in.shape[0])
+            images = rows.take(x_in.shape[0])
             return state.session.denoise(lambda xx, ss, cc: original_forward(xx, ss, cond=pack(cc), **kwargs),
-                                         x_in, sigma_in, plain, n_cond=n_cond, step=counter.step,
-                                         total_steps=counter.total)
+                                         x_in, sigma_in, plain, n_cond=len(images.cond), step=counter.step,
+                                         total_steps=counter.total, images=images)
         return forward
 
     routing = PatchSet()

@@ -6,13 +6,16 @@ from typing import Callable
 
 import torch
 
+from ..engine import CallImages
+
 
 class CondRows:
-    """Which rows of each inner-model call are conditional.
+    """Which rows of each inner-model call are conditional, and of which image.
 
-    A1111's CFG denoiser calls its inner model with [cond rows, uncond rows] in one batch, or in
-    row-ordered chunks (low-VRAM options, prompts of different lengths). `begin` at each CFG call,
-    `take` at each inner call."""
+    A1111's CFG denoiser builds [cond rows, uncond rows] (one cond row per image: AND is refused)
+    and calls its inner model with all of them at once or in row-ordered chunks (Batch
+    cond/uncond off, a negative prompt of another chunk count than the prompt). `begin` at each
+    CFG call with the batch size, `take` at each inner call with its row count."""
 
     def __init__(self):
         self.n_cond = self.offset = 0
@@ -22,10 +25,12 @@ class CondRows:
         self.n_cond, self.offset = n_cond, 0
         self.calls += 1
 
-    def take(self, rows: int) -> int:
-        n = max(0, min(self.n_cond - self.offset, rows))
-        self.offset += rows
-        return n
+    def take(self, rows: int) -> CallImages:
+        start, end = self.offset, self.offset + rows
+        self.offset = end
+        cond = tuple(range(start, min(end, self.n_cond)))
+        uncond = tuple(r - self.n_cond for r in range(max(start, self.n_cond), end))
+        return CallImages(cond, uncond)
 
 
 def unpack_cond(cond: dict) -> tuple[dict[str, torch.Tensor], Callable[[dict], dict]]:

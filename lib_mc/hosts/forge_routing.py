@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from ..engine import CallImages
+
 COND, UNCOND = 0, 1
 BLOCKS = ("input", "middle", "output")
 MAX_BLOCK, MAX_TRANSFORMER = 16, 16   # as Forge's set_model_replace_all
@@ -85,8 +87,10 @@ def make_unet_wrapper(session, step: Callable[[], int], total_steps: Callable[[]
                 extra["control"] = map_control(others["control"], order.cpu()[source], x.shape[0])
             return apply_model(xx, tt, **cc, **extra)
 
+        n_uncond_chunks = len(flags) - flags.count(COND)
+        images = CallImages(tuple(range(chunk)) * flags.count(COND), tuple(range(chunk)) * n_uncond_chunks)
         out = session.denoise(model_fn, x[order], timestep[order], tensors, n_cond=n_cond,
-                              step=step(), total_steps=total_steps())
+                              step=step(), total_steps=total_steps(), images=images)
         result = torch.empty_like(out)
         result[order] = out
         return result

@@ -36,6 +36,7 @@ from ..prepare import LoraFile, Prepared, prepare
 from ..regions import encode_png
 from . import check_model_family, webui_models
 from .layout_images import layout_outputs
+from .samplers import check_sampler
 from .webui_xyz import XYZ_ATTR
 
 WARNINGS_KEY = "Multi-Concept warnings"
@@ -131,6 +132,7 @@ def process(p, job_arg) -> None:
             return
         if job.enabled and not job.concepts:
             raise JobError("concepts", "is empty: add at least one concept or disable Multi-Concept")
+        check_sampler(getattr(p, "sampler_name", None))
         if re.search(r"\bAND\b", p.prompt or ""):
             raise JobError("prompt", "AND (composable prompts) cannot be combined with Multi-Concept")
         p._multi_concept = JobState(job)

@@ -8,68 +8,16 @@ forward. The engine must find masks where the tokens were planted.
 
 import pytest
 import torch
-from torch import nn
 
 from lib_mc.auto.masks import masks_from_maps
 from lib_mc.auto.tokens import assign_occurrences, find_word
 from lib_mc.engine import MultiConceptSession
 from lib_mc.errors import PlanError
 from lib_mc.plan import build_plan
+from planted import LATENT, cells, covers, plant
 from tinyhost import CFGHost, TinyLDM, make_unet, random_context, sample
 
 IMAGE = (128, 128)   # latent 16 x 16
-LATENT = (16, 16)
-
-
-class PlantedKey(nn.Module):
-    def __init__(self, inner: nn.Linear, tokens: list[int], directions: torch.Tensor):
-        super().__init__()
-        self.inner, self.tokens, self.directions = inner, tokens, directions
-
-    def forward(self, context):
-        k = self.inner(context).clone()
-        if context.shape[1] > max(self.tokens):
-            for token, u in zip(self.tokens, self.directions):
-                k[:, token] = u
-        return k
-
-
-class PlantedQuery(nn.Module):
-    """Adds strength * u_j to the queries of the cells where token j is planted, per image."""
-
-    def __init__(self, inner: nn.Linear, cells_per_image: list[list[torch.Tensor]], directions, strength=60.0):
-        super().__init__()
-        self.inner, self.cells, self.directions, self.strength = inner, cells_per_image, directions, strength
-
-    def forward(self, x):
-        q = self.inner(x)
-        n = x.shape[1]
-        side = int(round(n ** 0.5))   # square latents in these tests
-        for row in range(q.shape[0]):
-            image = row % len(self.cells)   # cond and uncond rows of image b
-            for cells, u in zip(self.cells[image], self.directions):
-                # a coarse cell attends to the token when the subject fills most of it
-                grid = torch.nn.functional.adaptive_avg_pool2d(cells[None, None].float(), (side, side))[0, 0]
-                q[row, grid.flatten() >= 0.5] += self.strength * u
-        return q
-
-
-def plant(unet, tokens, cells_per_image):
-    """Plant token attention in every cross-attention layer (attn2 of each transformer block)."""
-    modules = [m for name, m in unet.named_modules() if name.endswith("attn2")]
-    for module in modules:
-        inner = module.to_q.out_features
-        directions = torch.nn.functional.normalize(
-            torch.randn(len(tokens), inner, generator=torch.Generator().manual_seed(7)), dim=-1)
-        module.to_k = PlantedKey(module.to_k, tokens, directions)
-        module.to_q = PlantedQuery(module.to_q, cells_per_image, directions)
-    return unet
-
-
-def cells(top, left, bottom, right):
-    mask = torch.zeros(LATENT)
-    mask[top:bottom, left:right] = 1
-    return mask
 
 
 def auto_plan(concepts, **options):
@@ -101,14 +49,6 @@ def two_words_after_layout_pass(box_a=None, **options):
     return plan, session, host
 
 
-def covers(found, planted):
-    """Attention is coarse (the 4x4 and 8x8 layers see the subject in big cells): the mask must
-    hold nearly all of the planted cells, and at least half of it must be planted cells."""
-    found, planted = found > 0.5, planted > 0.5
-    inside = float((found & planted).sum())
-    return inside / float(planted.sum()) >= 0.85 and inside / float(found.sum()) >= 0.5
-
-
 def test_planted_attention_gives_each_word_its_mask_and_different_masks_per_image():
     left, right = cells(3, 1, 13, 6), cells(2, 10, 12, 15)
     # image 0: word A (token 2) on the left, word B (token 5) on the right; image 1 the other way round
@@ -122,7 +62,7 @@ def test_planted_attention_gives_each_word_its_mask_and_different_masks_per_imag
     assert covers(found[1, 0], right) and covers(found[1, 1], left)
     assert (found[0, 0] * found[0, 1]).sum() == 0
     # the blend uses each image's own masks: image 0's concept a sits left, image 1's right
-    weights = plan.weights_on(torch.zeros(4, 4, 16, 16), n_cond=2)
+    weights = plan.weights_for(torch.zeros(4, 4, 16, 16), [0, 1, 0, 1])
     assert weights.shape == (3, 4, 1, 16, 16)
     assert weights[1, 0, 0, 8, 3] == 1 and weights[1, 1, 0, 8, 12] == 1 and weights[1, 3, 0, 8, 12] == 1
     assert weights[1, 0, 0, 8, 12] == 0

@@ -144,8 +144,10 @@ def test_stage1_records_the_same_attention_maps_for_automatic_regions(world):
     session_a, _, _ = a1111_path(world, plan_of(world, auto=True), x, sigma)
     session_f, _, _ = forge_path(world, plan_of(world, auto=True), x, sigma)
     assert session_a.recorder.sums and session_a.recorder.sums.keys() == session_f.recorder.sums.keys()
-    for n, summed in session_a.recorder.sums.items():
-        assert torch.allclose(summed, session_f.recorder.sums[n], atol=1e-5)
+    for n, by_image in session_a.recorder.sums.items():
+        assert by_image.keys() == session_f.recorder.sums[n].keys()
+        for image, summed in by_image.items():
+            assert torch.allclose(summed, session_f.recorder.sums[n][image], atol=1e-5)
     assert torch.equal(session_a.plan.found_masks, session_f.plan.found_masks)
 
 

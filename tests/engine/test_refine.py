@@ -11,8 +11,8 @@ from torch import nn
 from lib_mc.auto.refine import kmeans, refine_masks
 from lib_mc.engine import MultiConceptSession
 from lib_mc.plan import build_plan
+from planted import plant
 from tinyhost import CFGHost, TinyLDM, count_unet_rows, make_unet, random_context, sample
-from test_auto_regions import plant
 
 IMAGE = (256, 256)   # latent 32 x 32; the refinement grid (latent / 4) is 8 x 8
 

@@ -1,18 +1,20 @@
 import torch
 
+from lib_mc.engine import CallImages
 from lib_mc.hosts.cfg_calls import CondRows, context_key, unpack_cond
 
 
 def test_cond_rows_in_one_batch_and_in_chunks():
     rows = CondRows()
     rows.begin(n_cond=2)
-    assert rows.take(4) == 2            # batch_cond_uncond: [2 cond, 2 uncond]
+    assert rows.take(4) == CallImages((0, 1), (0, 1))        # batch_cond_uncond: [2 cond, 2 uncond]
     rows.begin(n_cond=2)
-    assert [rows.take(2), rows.take(2)] == [2, 0]   # low-VRAM chunks: cond, then uncond
+    assert [rows.take(2), rows.take(2)] == [CallImages((0, 1), ()), CallImages((), (0, 1))]  # cond, then uncond
     rows.begin(n_cond=3)
-    assert [rows.take(2), rows.take(2), rows.take(2)] == [2, 1, 0]
+    assert [rows.take(2), rows.take(2), rows.take(2)] == [
+        CallImages((0, 1), ()), CallImages((2,), (0,)), CallImages((), (1, 2))]
     rows.begin(n_cond=2)
-    assert rows.take(2) == 2            # uncond skipped (NGMS)
+    assert rows.take(2) == CallImages((0, 1), ())            # uncond skipped (NGMS)
     assert rows.calls == 4
 
 

@@ -1,0 +1,3 @@
+import tempfile
+
+models_path = tempfile.gettempdir()

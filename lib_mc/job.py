@@ -8,8 +8,8 @@ Nothing here touches a model or a file path: masks arrive as base64 PNG.
 from __future__ import annotations
 
 import json
-import math
 import numbers
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -108,7 +108,8 @@ def _num(data: Mapping, key: str, default, path: str, low=None, high=None, low_o
     value = data.get(key, default)
     if value is None and default is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    # abs() <= max, not isfinite(): an integer past float range (JSON allows 1 followed by 400 zeros) overflows it
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) <= sys.float_info.max:
         raise JobError(path + key, f"must be a number, got {value!r}")
     value = float(value)
     if low is not None and (value < low or (low_open and value == low)):
@@ -206,7 +207,7 @@ def parse_job(raw: Any) -> Job:
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:   # JSONDecodeError, too many digits, too deep
             raise JobError("multi-concept", f"argument is not valid JSON: {exc}") from exc
     if not isinstance(raw, Mapping):
         raise JobError("multi-concept", f"argument must be a JSON object, got {type(raw).__name__}")

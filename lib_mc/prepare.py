@@ -8,6 +8,7 @@ problem, before anything in the model is touched.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -37,6 +38,8 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
             weight = float(args[1]) if len(args) > 1 and args[1] else 1.0
         except ValueError as exc:
             raise JobError("prompt", f"<{kind}:{match.group(2)}> has a weight that is not a number") from exc
+        if not math.isfinite(weight):   # float() takes nan and inf
+            raise JobError("prompt", f"<{kind}:{match.group(2)}> has a weight that is not a finite number")
         found.append((args[0], weight))
         return ""
     return _TAG.sub(take, prompt), found
@@ -83,7 +86,10 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
     cache = networks_cache if networks_cache is not None else {}
     for i, spec in enumerate(job.concepts):
         where = f"concepts[{i}]"
-        prompt, tagged = services.parse_tags(spec.prompt or base_prompt)
+        try:
+            prompt, tagged = services.parse_tags(spec.prompt or base_prompt)
+        except JobError as exc:   # the parser knows no concept: name the prompt it read
+            raise JobError(f"{where}.prompt" if spec.prompt else exc.field, exc.problem) from exc
         negative = spec.negative_prompt or base_negative
         requested = [(ref.name, ref.weight, f"{where}.loras[{j}]") for j, ref in enumerate(spec.loras)]
         requested += [(name, weight, f"{where}.prompt <lora:{name}>") for name, weight in tagged]
@@ -125,7 +131,8 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
     except PlanError as exc:
         if isinstance(exc, JobError):
             raise
-        raise JobError(exc.field, exc.problem) from exc
+        # the plan's mask and box of a concept are the job's region
+        raise JobError(re.sub(r"\.(mask|auto_box)$", ".region", exc.field), exc.problem) from exc
     return Prepared(plan, warnings, skipped)
 
 

@@ -50,8 +50,9 @@ def decode_png(data: str, field: str):
     try:
         raw = base64.b64decode(data, validate=False)
         image = Image.open(io.BytesIO(raw))
-        image.load()
-    except (binascii.Error, ValueError, OSError) as exc:
+        if max(image.size) <= 8192:   # the size is in the header: never decode a mask too large to use
+            image.load()
+    except (binascii.Error, ValueError, OSError, Image.DecompressionBombError) as exc:
         reason = re.sub(r"\s*<[^>]*>", "", str(exc)) or type(exc).__name__   # no object reprs in a user message
         raise JobError(field, f"cannot be decoded as a PNG image ({reason})") from exc
     if max(image.size) > 8192:

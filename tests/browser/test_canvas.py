@@ -14,6 +14,7 @@ from PIL import Image
 
 from lib_mc.job import parse_job
 from lib_mc.regions import region_mask
+from panel_page import generate, wait_for_job
 
 COLOURS = [(0xE6, 0x19, 0x4B), (0x3C, 0xB4, 0x4B)]   # concepts 1 and 2, as in multi_concept_2_widgets.js
 GROUND = (0x20, 0x20, 0x20)
@@ -45,31 +46,6 @@ def touch_stroke(page, box, points):
         cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]})
     cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
     cdp.detach()
-
-
-def job_in_page(page) -> dict:
-    return json.loads(page.locator("#multi_concept_job textarea").input_value())
-
-
-def wait_for_job(page, condition: str):
-    """Waits until the job JSON held by the page (written by Python) satisfies a JS condition on `job`."""
-    page.wait_for_function(
-        "(cond) => { const box = document.querySelector('#multi_concept_job textarea');"
-        " if (!box) return false; const job = JSON.parse(box.value); return eval(cond); }",
-        arg=condition, timeout=20000)
-
-
-def generate(page, panel_app) -> dict:
-    """Clicks Generate and returns the job JSON the Python handler received."""
-    before = time.time() - 0.01
-    page.click("#txt2img_generate")
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        text = panel_app.received(before)
-        if text:
-            return json.loads(text)
-        time.sleep(0.1)
-    raise AssertionError("the Generate handler received nothing")
 
 
 def canvas_pixels(page) -> np.ndarray:

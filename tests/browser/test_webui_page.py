@@ -1,0 +1,167 @@
+"""The panel in a running A1111 or Forge page, as users meet it (skipped without one).
+
+    MULTI_CONCEPT_WEBUI_PAGE=http://127.0.0.1:7860 .venv/bin/python -m pytest tests/browser/test_webui_page.py
+
+Optional: MULTI_CONCEPT_WEBUI_UI_CONFIG=<the WebUI's ui-config.json> runs the saved-defaults test
+(it writes that file, reloads the UI, and puts the file back); MC_SCREENSHOTS=DIR saves
+panel-a1111.png or panel-forge.png there (README pictures). The page is the real one: the
+WebUI restores ui-config.json into it, its own CSS and scripts run beside ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+
+from panel_page import (MAX_HEIGHT, PANEL, edit_every_kind_of_control, job_in_page, open_panel, panel_height,
+                        show_tab, wait_for_job)
+
+ADDRESS_VARIABLE = "MULTI_CONCEPT_WEBUI_PAGE"
+CONFIG_VARIABLE = "MULTI_CONCEPT_WEBUI_UI_CONFIG"
+PAGE_TIMEOUT = 180000   # ms: a WebUI page on a busy CPU is slow to build
+
+
+@pytest.fixture(scope="module")
+def address():
+    value = os.environ.get(ADDRESS_VARIABLE, "").rstrip("/")
+    if not value:
+        pytest.skip(f"no running WebUI page: set {ADDRESS_VARIABLE}=http://host:port")
+    return value
+
+
+def load(page, address):
+    page.goto(address + "/", timeout=PAGE_TIMEOUT)
+    page.locator(PANEL).wait_for(state="attached", timeout=PAGE_TIMEOUT)
+    open_panel(page, timeout=PAGE_TIMEOUT)
+
+
+@pytest.fixture
+def webui(browser, address):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda error: errors.append(f"{error.message}\n{error.stack}"))
+    load(page, address)
+    page.host = "a1111" if page.evaluate("window.gradio_config.version").startswith("3") else "forge"
+    yield page
+    context.close()
+    assert not [e for e in errors if "multi_concept_" in e], errors   # errors thrown by our scripts
+
+
+def shown_concept(page, i: int) -> dict:
+    """What concept i's controls show (its tab is shown first)."""
+    show_tab(page, i)
+    value = lambda name: page.locator(f"{PANEL}_{name}_{i} textarea, {PANEL}_{name}_{i} input").first.input_value()  # noqa: E731
+    return {"name": value("name"), "region": value("region"), "prompt": value("prompt"),
+            "negative_prompt": value("negative"), "loras": value("loras")}
+
+
+def assert_page_shows_the_job(page):
+    job = job_in_page(page)
+    presets = {(0, 0, 0.5, 1): "left half", (0.5, 0, 0.5, 1): "right half"}
+    for i, concept in enumerate(job["concepts"]):
+        shown = shown_concept(page, i)
+        region = concept["region"]
+        expected = presets.get(tuple(region.get(k) for k in ("x", "y", "w", "h")))
+        assert (shown["name"], shown["prompt"], shown["negative_prompt"]) == (
+            concept["name"], concept["prompt"], concept["negative_prompt"]), (i, shown, concept)
+        assert expected and shown["region"] == expected, (i, shown, region)
+    return job
+
+
+def test_the_page_shows_what_the_job_holds_and_the_panel_is_one_screen_tall(webui):
+    job = assert_page_shows_the_job(webui)
+    assert len(job["concepts"]) == 2 and job["concepts"][1]["region"]["x"] == 0.5
+    height = panel_height(webui)
+    print(f"{webui.host}: panel {height:.0f} px tall at 1400 px wide")
+    assert height <= MAX_HEIGHT, f"{height:.0f} px"
+
+
+def test_every_kind_of_control_reaches_the_job_and_no_edit_rewrites_another_concept(webui, tmp_path):
+    choices = webui.evaluate("""() => {
+        const config = window.gradio_config.components.find((c) => c.props.elem_id === 'multi_concept_pick_1');
+        return (config.props.choices || []).map((c) => Array.isArray(c) ? c[0] : c);
+    }""")
+    job, _ = edit_every_kind_of_control(webui, tmp_path, choices[0] if choices else None)
+    assert job["enabled"] and job["hires_loras"] is False and job["concepts"][1]["class_word"] == "man"
+
+
+def test_the_panel_as_pictured(webui):
+    """Two concepts set up as in the README, then a picture of the panel in this WebUI."""
+    for i, (name, prompt) in enumerate((("alice", "photo of alice woman, red dress"),
+                                        ("bob", "photo of bob man, grey suit"))):
+        show_tab(webui, i)
+        webui.fill(f"{PANEL}_name_{i} textarea", name)
+        webui.fill(f"{PANEL}_prompt_{i} textarea", prompt)
+        webui.fill(f"{PANEL}_loras_{i} textarea", f"{name}_v1:0.8")
+    wait_for_job(webui, "job.concepts[1].loras.length === 1 && job.concepts[0].name === 'alice'")
+    webui.locator(f"{PANEL}_enabled input").check()
+    canvas = webui.locator(f"{PANEL} canvas.mc-canvas")
+
+    def stroke(start, end, steps):
+        canvas.scroll_into_view_if_needed()   # showing the concept's tab may have moved the page
+        box = canvas.bounding_box()
+        at = lambda fx, fy: (box["x"] + fx * box["width"], box["y"] + fy * box["height"])  # noqa: E731
+        webui.mouse.move(*at(*start))
+        webui.mouse.down()
+        webui.mouse.move(*at(*end), steps=steps)
+        webui.mouse.up()
+    webui.click(f'{PANEL} [data-concept="1"]')
+    webui.click(f'{PANEL} button[title="Clear the selected concept\'s region"]')
+    webui.click(f'{PANEL} [data-tool="brush"]')
+    stroke((0.62, 0.2), (0.8, 0.85), 20)
+    wait_for_job(webui, "job.concepts[1].region.type === 'mask' && job.concepts[1].region.png.length > 100")
+    webui.click(f'{PANEL} [data-concept="0"]')
+    webui.click(f'{PANEL} [data-tool="rect"]')
+    stroke((0.08, 0.1), (0.45, 0.95), 10)
+    wait_for_job(webui, "job.concepts[0].region.type === 'rect' && job.concepts[0].region.w < 0.45")
+    assert panel_height(webui) <= MAX_HEIGHT
+    folder = os.environ.get("MC_SCREENSHOTS")
+    if folder:
+        pathlib.Path(folder).mkdir(parents=True, exist_ok=True)
+        path = pathlib.Path(folder) / f"panel-{webui.host}.png"
+        webui.locator(PANEL).screenshot(path=str(path))
+        assert path.stat().st_size > 10000
+
+
+def reload_ui(page, address):
+    """Settings -> Reload UI: the WebUI builds its page again, reading ui-config.json."""
+    with page.expect_navigation(timeout=PAGE_TIMEOUT * 2):
+        page.locator("#settings_restart_gradio").dispatch_event("click")
+    load(page, address)
+
+
+def test_saved_ui_defaults_come_back_into_the_options_and_never_into_the_concepts(webui, address):
+    """A ui-config.json that holds concept 1's values under the shared labels (what earlier
+    versions of the panel left there), then the panel's options saved with Settings -> Defaults
+    -> Apply, then Reload UI: the options come back, the job holds what the page shows."""
+    path = os.environ.get(CONFIG_VARIABLE)
+    if not path:
+        pytest.skip(f"set {CONFIG_VARIABLE} to the WebUI's ui-config.json to reload the UI with it")
+    original = pathlib.Path(path).read_text(encoding="utf8")
+    try:
+        saved = json.loads(original)
+        saved.update({"txt2img/Region/value": "left half", "txt2img/x/value": 0.0, "txt2img/width/value": 1.0,
+                      "txt2img/Concept prompt/value": "concept 1's prompt", "txt2img/Name/value": "concept 1"})
+        pathlib.Path(path).write_text(json.dumps(saved, indent=4), encoding="utf8")
+        webui.locator(f"{PANEL}_options .label-wrap").first.click()
+        box = webui.locator(f"{PANEL}_start_at input[type=number]")
+        box.fill("0.55")
+        box.press("Enter")
+        wait_for_job(webui, "job.start_at === 0.55")
+        webui.locator("#ui_defaults_apply").dispatch_event("click")
+        webui.wait_for_function("() => /Wrote/.test(document.querySelector('#ui_defaults_review').textContent)",
+                                timeout=30000)
+        written = json.loads(pathlib.Path(path).read_text(encoding="utf8"))
+        assert written["txt2img/Start blending at/value"] == 0.55
+        reload_ui(webui, address)
+        job = assert_page_shows_the_job(webui)
+        assert job["start_at"] == 0.55 and not any(c["prompt"] for c in job["concepts"])
+        webui.locator(f"{PANEL}_options .label-wrap").first.click()
+        assert webui.locator(f"{PANEL}_start_at input[type=number]").input_value() == "0.55"
+    finally:
+        pathlib.Path(path).write_text(original, encoding="utf8")
+        reload_ui(webui, address)

@@ -100,7 +100,7 @@ class MultiConceptSession:
         self._prepare_patches(warn, attention_on_modules)   # raises LoraMismatchError before anything is touched
         # automatic regions: stage 1 also records the class words' cross-attention
         auto = [plan.concepts[i] for i in plan.auto_concepts]
-        self.recorder = AttentionRecorder([c.auto_tokens for c in auto]) if auto else None
+        self.recorder = AttentionRecorder([c.auto_tokens for c in auto], _tokens_per_image(auto)) if auto else None
         self.record_patches = PatchSet()
         self._refined_steps: set[int] = set()
         self.run.decoder_self_attention = {m for name, m in unet.named_modules()
@@ -399,6 +399,15 @@ class MultiConceptSession:
                 raise EngineError(f"conditioning '{key}' has different shapes between branches: "
                                   f"{[tuple(t.shape) for t in tensors]}") from exc
         return stacked, key_mask
+
+
+def _tokens_per_image(auto: list) -> list[list[list[int]]] | None:
+    """[image][automatic concept] -> class-word positions, when a batch's prompts put them apart."""
+    images = max((len(c.auto_tokens_per_image) for c in auto if c.auto_tokens_per_image), default=0)
+    if not images:
+        return None
+    return [[(c.auto_tokens_per_image[min(b, len(c.auto_tokens_per_image) - 1)] if c.auto_tokens_per_image
+              else c.auto_tokens) for c in auto] for b in range(images)]
 
 
 def _override(rows: Conditioning, own: Conditioning | None, images: tuple[int, ...]) -> Conditioning:

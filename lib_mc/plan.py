@@ -31,6 +31,7 @@ class Concept:
     mask: torch.Tensor | None          # (H, W) float in [0, 1], validated; None: found automatically
     z: float | None = None             # higher sits in front; default: later concepts in front
     auto_tokens: list[int] | None = None  # automatic region: base-prompt context positions of its class word
+    auto_tokens_per_image: list[list[int]] | None = None   # ... per image, when the batch's prompts differ
     auto_group: int = -1               # automatic concepts with the same group share those tokens
     auto_hint: str = ""                # which part of a shared word's area: "left", "right", "largest"
     auto_box: tuple[float, float, float, float] | None = None   # the subject is inside (x, y, w, h), fractions
@@ -167,6 +168,11 @@ def _concept(item: Any, i: int) -> Concept:
     if auto is not None and (not isinstance(auto, Sequence) or not auto or
                              not all(isinstance(t, int) and t >= 0 for t in auto)):
         raise PlanError(f"{name}.auto_tokens", f"must be a non-empty list of token positions, got {auto!r}")
+    per_image = item.get("auto_tokens_per_image")
+    if per_image is not None and (auto is None or not isinstance(per_image, Sequence) or not per_image or not all(
+            isinstance(g, Sequence) and g and all(isinstance(t, int) and t >= 0 for t in g) for g in per_image)):
+        raise PlanError(f"{name}.auto_tokens_per_image", "must be a non-empty list of token positions per image "
+                                                         f"(with auto_tokens), got {per_image!r}")
     if auto is None and ("mask" not in item or item["mask"] is None):
         raise PlanError(f"{name}.mask", "is missing")
     z = item.get("z")
@@ -178,6 +184,7 @@ def _concept(item: Any, i: int) -> Concept:
         mask=None if auto is not None else check_mask(item["mask"], f"{name}.mask"),
         z=None if z is None else _number(z, f"{name}.z"),
         auto_tokens=None if auto is None else list(auto),
+        auto_tokens_per_image=None if per_image is None else [list(g) for g in per_image],
         auto_group=int(item.get("auto_group", i)),
         auto_hint=str(item.get("auto_hint") or ""),
         auto_box=_box(item.get("auto_box"), f"{name}.auto_box"),

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import torch
+
 from .errors import LoraMismatchError, PlanError
 from .job import Job, JobError
 from .lora.bind import LoraUse
@@ -78,11 +80,14 @@ def _unknown_lora(name: str, where: str, services: HostServices) -> JobError:
 
 def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[int, int], unet,
             services: HostServices, networks_cache: dict[str, Network] | None = None,
-            warn: Callable[[str], None] = print) -> Prepared:
-    """Resolve LoRAs, encode concept prompts, build masks and the Plan. Raises JobError/PlanError."""
+            warn: Callable[[str], None] = print, base_prompts: list[str] | None = None) -> Prepared:
+    """Resolve LoRAs, encode concept prompts, build masks and the Plan. Raises JobError/PlanError.
+    base_prompts: the main prompt of every image of the batch when they differ (wildcards,
+    Dynamic Prompts, Prompt Matrix); base_prompt is image 0's."""
     from .lora.bind import bind_loras
     prepared_concepts, warnings, skipped = [], [], []
-    auto_tokens = _auto_tokens(job, base_prompt, services)
+    prompts = list(base_prompts) if base_prompts and len(set(base_prompts)) > 1 else [base_prompt]
+    auto_tokens = _auto_tokens(job, prompts, services)
     cache = networks_cache if networks_cache is not None else {}
     for i, spec in enumerate(job.concepts):
         where = f"concepts[{i}]"
@@ -115,10 +120,13 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
                 continue
             uses.append(use)
             te_loras.append((lora, weight))
-        cond = services.encode(prompt, te_loras)
+        if spec.prompt or len(prompts) == 1:
+            cond = services.encode(prompt, te_loras)
+        else:   # the main prompt of each image
+            cond = _per_image(services, [services.parse_tags(text)[0] for text in prompts], te_loras)
         uncond = services.encode(negative, te_loras) if spec.negative_prompt else None
         region = dict(auto_tokens=auto_tokens[i][0], auto_group=auto_tokens[i][1], auto_hint=_hint(spec.name),
-                      auto_box=_box(spec.region)) \
+                      auto_box=_box(spec.region), auto_tokens_per_image=auto_tokens[i][2]) \
             if i in auto_tokens else \
             dict(mask=region_mask(spec.region, image_hw, f"{where}.region"))
         prepared_concepts.append(dict(name=spec.name, cond=cond, uncond=uncond, loras=uses, z=spec.z, **region))
@@ -136,9 +144,11 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
     return Prepared(plan, warnings, skipped)
 
 
-def _auto_tokens(job: Job, base_prompt: str, services: HostServices) -> dict[int, tuple[list[int], int]]:
-    """Concept index -> (context positions of its class word in the main prompt, group id);
-    concepts given the same occurrence share a group and are split in space."""
+def _auto_tokens(job: Job, prompts: list[str], services: HostServices
+                 ) -> dict[int, tuple[list[int], int, list[list[int]] | None]]:
+    """Concept index -> (context positions of its class word in the main prompt, group id, the
+    positions in each image's prompt when the batch's prompts differ); concepts given the same
+    occurrence share a group and are split in space."""
     auto = [i for i, c in enumerate(job.concepts) if c.region.type == "auto"]
     if not auto:
         return {}
@@ -151,16 +161,44 @@ def _auto_tokens(job: Job, base_prompt: str, services: HostServices) -> dict[int
             raise JobError(f"concepts[{i}].class_word", "is empty: an automatic region finds the subject "
                                                         "by the word of the main prompt that names it, e.g. woman")
         words.append(word)
-    occurrences = {}
-    for i, word in zip(auto, words):
-        if word not in occurrences:
-            occurrences[word] = services.word_positions(base_prompt, word)
-            if not occurrences[word]:
-                raise JobError(f"concepts[{i}].class_word", f"{word!r} is not in the main prompt; automatic "
-                                                            "regions need it there (as written, e.g. 'woman' not 'women')")
-    picked = assign_occurrences(words, occurrences)
-    groups: dict[tuple[int, ...], int] = {}
-    return {i: (tokens, groups.setdefault(tuple(tokens), len(groups))) for i, tokens in zip(auto, picked)}
+    picked_per_image, groups_per_image = [], []
+    for image, prompt in enumerate(prompts):
+        occurrences = {}
+        for i, word in zip(auto, words):
+            if word not in occurrences:
+                occurrences[word] = services.word_positions(prompt, word)
+                if not occurrences[word]:
+                    where = "the main prompt" if len(prompts) == 1 else f"the main prompt of image {image + 1} ({prompt!r})"
+                    raise JobError(f"concepts[{i}].class_word", f"{word!r} is not in {where}; automatic regions "
+                                                                "need it there (as written, e.g. 'woman' not 'women')")
+        picked = assign_occurrences(words, occurrences)
+        groups: dict[tuple[int, ...], int] = {}
+        picked_per_image.append(picked)
+        groups_per_image.append([groups.setdefault(tuple(tokens), len(groups)) for tokens in picked])
+    if any(g != groups_per_image[0] for g in groups_per_image):
+        raise JobError(f"concepts[{auto[0]}].class_word", "the batch's prompts name the class words a different "
+                                                          "number of times; automatic regions need the same words in every image's prompt")
+    per_image = len(prompts) > 1
+    return {i: (picked_per_image[0][slot], groups_per_image[0][slot],
+                [p[slot] for p in picked_per_image] if per_image else None) for slot, i in enumerate(auto)}
+
+
+def _per_image(services: HostServices, prompts: list[str], loras) -> Conditioning:
+    """One conditioning row per image; prompts of fewer 75-token chunks are padded with their last
+    token vector, as A1111 stacks a batch's prompts of different lengths."""
+    encoded: dict[str, Conditioning] = {}
+    for text in prompts:
+        if text not in encoded:
+            encoded[text] = services.encode(text, loras)
+    rows = [encoded[text] for text in prompts]
+    stacked = {}
+    for key in rows[0]:
+        tensors = [row[key] for row in rows]
+        if tensors[0].dim() == 3:
+            length = max(t.shape[1] for t in tensors)
+            tensors = [torch.cat([t, t[:, -1:].expand(-1, length - t.shape[1], -1)], 1) for t in tensors]
+        stacked[key] = torch.cat(tensors)
+    return stacked
 
 
 def _box(region) -> tuple[float, float, float, float] | None:

@@ -16,8 +16,11 @@ from .masks import stretch
 
 
 class AttentionRecorder:
-    def __init__(self, tokens: list[list[int]]):
-        self.tokens = tokens                  # per watched concept: context positions
+    def __init__(self, tokens: list[list[int]], per_image: list[list[list[int]]] | None = None):
+        """tokens[c]: context positions of watched concept c; per_image[b][c]: the same for image b
+        when a batch's prompts differ (wildcards, Dynamic Prompts), else every image uses tokens."""
+        self.tokens = tokens
+        self.per_image = per_image
         self.flat = sorted({t for group in tokens for t in group})
         self.active = False
         self.images: tuple[int, ...] = ()     # the image of each cond row of the call in flight (none: no cond rows)
@@ -26,8 +29,19 @@ class AttentionRecorder:
         self.sums: dict[int, dict[int, torch.Tensor]] = {}
         self.counts: dict[int, dict[int, int]] = {}
 
+    def tokens_of(self, image: int) -> list[list[int]]:
+        if self.per_image is None:
+            return self.tokens
+        return self.per_image[min(image, len(self.per_image) - 1)]
+
+    def flat_of(self, image: int) -> list[int]:
+        return self.flat if self.per_image is None else sorted({t for g in self.tokens_of(image) for t in g})
+
     def wants(self, context_tokens: int) -> bool:
-        return self.active and bool(self.flat) and bool(self.images) and context_tokens > self.flat[-1]
+        if not (self.active and self.images):
+            return False
+        last = max((max(self.flat_of(b), default=-1) for b in self.images), default=-1)
+        return last >= 0 and context_tokens > last
 
     def make_forward(self, module, original):
         """A forward for an ldm attention module instance (A1111)."""
@@ -47,31 +61,36 @@ class AttentionRecorder:
         q = q.reshape(b, n, heads, inner // heads).transpose(1, 2).float()
         k = k.reshape(b, -1, heads, inner // heads).transpose(1, 2).float()
         probs = (q @ k.transpose(-1, -2) * (inner // heads) ** -0.5).softmax(-1)   # (b, h, n, T)
-        picked = probs[..., self.flat].mean(1).transpose(1, 2).cpu()               # (b, n_flat, n)
         sums, counts = self.sums.setdefault(n, {}), self.counts.setdefault(n, {})
         for row, image in enumerate(self.images[:b]):
-            sums[image] = sums[image] + picked[row] if image in sums else picked[row]
+            picked = probs[row][..., self.flat_of(image)].mean(0).transpose(0, 1).cpu()   # (n_flat, n)
+            sums[image] = sums[image] + picked if image in sums else picked
             counts[image] = counts.get(image, 0) + 1
 
     def maps(self, latent_hw: tuple[int, int], grids: list[tuple[int, int]]) -> torch.Tensor:
         """(B, n_concepts, h, w) at latent size: each grid's mean map, scaled to a maximum of 1,
         upsampled and summed over the grids (coarse grids place the subject, fine ones its edges)."""
         by_tokens = {h * w: (h, w) for h, w in grids}
+        images = sorted({b for by_image in self.sums.values() for b in by_image})
+        if not images:
+            raise RuntimeError("no cross-attention was recorded in the layout pass")
+        if images != list(range(len(images))):
+            raise RuntimeError(f"cross-attention was recorded for images {images} only")
+        return torch.stack([self._image_maps(b, latent_hw, by_tokens) for b in images])
+
+    def _image_maps(self, image: int, latent_hw, by_tokens) -> torch.Tensor:
         total = None
         for n, by_image in self.sums.items():
             hw = by_tokens.get(n)
-            if hw is None:
+            if hw is None or image not in by_image:
                 continue
-            if sorted(by_image) != list(range(len(by_image))):
-                raise RuntimeError(f"cross-attention was recorded for images {sorted(by_image)} only")
-            summed = torch.stack([by_image[b] / self.counts[n][b] for b in range(len(by_image))])
-            grid = summed.view(summed.shape[0], summed.shape[1], *hw)
+            grid = (by_image[image] / self.counts[n][image]).view(1, -1, *hw)
             grid = stretch(grid)   # each grid counts alike, whatever its attention's spread
             up = F.interpolate(grid, size=latent_hw, mode="bilinear", align_corners=False)
             total = up if total is None else total + up
         if total is None:
             raise RuntimeError("no cross-attention was recorded in the layout pass")
-        total = stretch(total)
-        index = {t: i for i, t in enumerate(self.flat)}
-        return torch.stack([total[:, [index[t] for t in group]].mean(1) if group else torch.zeros_like(total[:, 0])
-                            for group in self.tokens], 1)
+        total = stretch(total)[0]
+        index = {t: i for i, t in enumerate(self.flat_of(image))}
+        return torch.stack([total[[index[t] for t in group]].mean(0) if group else torch.zeros_like(total[0])
+                            for group in self.tokens_of(image)])

@@ -133,7 +133,8 @@ def process(p, job_arg) -> None:
         if job.enabled and not job.concepts:
             raise JobError("concepts", "is empty: add at least one concept or disable Multi-Concept")
         check_sampler(getattr(p, "sampler_name", None))
-        if re.search(r"\bAND\b", p.prompt or ""):
+        prompts = p.prompt if isinstance(p.prompt, list) else [p.prompt or ""]   # Prompt Matrix: a list
+        if any(re.search(r"\bAND\b", text or "") for text in prompts):
             raise JobError("prompt", "AND (composable prompts) cannot be combined with Multi-Concept")
         p._multi_concept = JobState(job)
         p.extra_generation_params[INFOTEXT_KEY] = ImageInfotext(p._multi_concept)
@@ -150,7 +151,7 @@ def process_batch(p, services, unet) -> None:
     try:
         check_model_family(p.sd_model)
         state.prepared = prepare(
-            state.job, base_prompt=p.prompts[0], base_negative=p.negative_prompts[0],
+            state.job, base_prompt=p.prompts[0], base_prompts=list(p.prompts), base_negative=p.negative_prompts[0],
             image_hw=(p.height, p.width), unet=unet, services=services, networks_cache=state.networks)
         if state.prepared.warnings:
             p.extra_generation_params[WARNINGS_KEY] = "; ".join(state.prepared.warnings)

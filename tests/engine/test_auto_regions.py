@@ -268,3 +268,15 @@ def test_a_concept_left_with_nothing_takes_a_cell_only_from_a_holder_that_keeps_
     found = masks_from_maps(maps, [0, 1, 2], boxes=boxes)[0]
     assert (found.sum((1, 2)) > 0).all() and (found.sum(0) <= 1).all()
     assert found[0, 0, 0] == 1 and found[1, 0, 1] == 1
+
+
+def test_class_word_positions_per_image_when_the_batchs_prompts_differ():
+    """Wildcards put the words elsewhere in image 1's prompt: its masks follow its own positions."""
+    left, right = cells(3, 1, 13, 6), cells(2, 10, 12, 15)
+    unet = plant(make_unet(), [2, 5], [[left, right], [right, left]])
+    plan = auto_plan([dict(name="a", cond=random_context(3), auto_tokens=[2], auto_tokens_per_image=[[2], [5]]),
+                      dict(name="b", cond=random_context(4), auto_tokens=[5], auto_tokens_per_image=[[5], [2]])])
+    run_two_stages(unet, plan, batch=2)
+    found = plan.found_masks
+    assert covers(found[0, 0], left) and covers(found[1, 0], left)
+    assert covers(found[0, 1], right) and covers(found[1, 1], right)

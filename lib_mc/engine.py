@@ -96,7 +96,6 @@ class MultiConceptSession:
         self.records: dict[int, dict[tuple[bool, int], Recorded]] = {}   # evaluation -> (cond?, image) -> row
         self.stats = Stats()
         self.phase: str | None = None
-        self._call_index = 0
         self._prepare_patches(warn, attention_on_modules)   # raises LoraMismatchError before anything is touched
         # automatic regions: stage 1 also records the class words' cross-attention
         auto = [plan.concepts[i] for i in plan.auto_concepts]
@@ -139,7 +138,7 @@ class MultiConceptSession:
                 recorder.record(q[:n], k[:n], heads)
             return out
         call = self.run.call
-        if self.phase != "blend" or call is None:
+        if self.phase not in ("blend", "single") or call is None:
             return host(q, k, v)
         return attend(q, k, v, heads, call, cross=cross, decoder=decoder, host=host)
 
@@ -166,8 +165,21 @@ class MultiConceptSession:
             raise EngineError("stage 2 needs a stage-1 run first")
         if self.recorder is not None and self.plan.image_regions is None:
             self.find_regions()   # a host may have found (and refined) them already
-        self.phase, self._call_index = "blend", 0
+        self.phase = "blend"
         self._refined_steps.clear()
+        self.patches.apply()
+        try:
+            yield self
+        finally:
+            self.run.call = None
+            self.patches.remove()
+            self.phase = None
+
+    @contextlib.contextmanager
+    def single_pass(self):
+        """One pass, every concept's branch blended under its region from the first step, no
+        layout pass to follow (the hires fix's second pass, with `plan.at_size`)."""
+        self.phase = "single"
         self.patches.apply()
         try:
             yield self
@@ -193,6 +205,8 @@ class MultiConceptSession:
             for row, key in enumerate(images.keys()):
                 record[key] = Recorded(x[row].clone(), sigma[row].clone(), out[row].clone())
             return out
+        if self.phase == "single":
+            return self._blend_call(model_fn, x, sigma, cond, images, x[:0], step, total_steps)
         if self.phase != "blend":
             return model_fn(x, sigma, cond)
         recorded = self._recorded(step, images)

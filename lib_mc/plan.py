@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -96,6 +96,21 @@ class Plan:
         last = len(self.image_regions) - 1
         stacked = torch.stack([self.image_regions[min(b, last)].latent for b in images], 1)
         return stacked.to(x.device, x.dtype)[:, :, None]
+
+    def at_size(self, image_size: tuple[int, int]) -> "Plan":
+        """This plan at another image size, for a single pass that blends every concept from the
+        first step (the hires fix's second pass): the same concepts and regions, automatic ones
+        as found for each image, feather scaled, no layout replay or refinement."""
+        hw = (int(image_size[0]), int(image_size[1]))
+        scale = hw[0] / self.image_size[0]
+        options = replace(self.options, start_at=0.0, layout_replay=False, refine_every=0,
+                          feather=self.options.feather * scale)
+        masks = [c.mask if c.mask is not None else torch.ones(hw) for c in self.concepts]
+        plan = Plan(list(self.concepts), hw, options,
+                    regions=RegionWeights(masks, hw, back_to_front=self.back_to_front(), feather_px=options.feather))
+        if self.found_masks is not None:
+            plan.resolve_auto(self.found_masks)
+        return plan
 
     def start_step(self, total_steps: int) -> int:
         return _fraction_to_step(self.options.start_at, total_steps)

@@ -128,8 +128,18 @@ class A1111Sampler:
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
         sigmas = self.sigma_source.get_sigmas(steps)
-        x = x * sigmas[0]
-        self.model_wrap_cfg.step, self.model_wrap_cfg.total_steps = 0, steps
+        return self._run(p, x * sigmas[0], sigmas, conditioning, unconditional_conditioning, image_conditioning)
+
+    def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,
+                       image_conditioning=None):
+        """The hires fix's second pass: the upscaled latent noised to the denoising strength's sigma."""
+        steps = steps or p.steps
+        t_enc = int(min(p.denoising_strength, 0.999) * steps)
+        sigmas = self.sigma_source.get_sigmas(steps)[steps - t_enc - 1:]
+        return self._run(p, x + noise * sigmas[0], sigmas, conditioning, unconditional_conditioning, image_conditioning)
+
+    def _run(self, p, x, sigmas, conditioning, unconditional_conditioning, image_conditioning):
+        self.model_wrap_cfg.step, self.model_wrap_cfg.total_steps = 0, len(sigmas) - 1
         kwargs = {}
         if self.ancestral:
             kwargs["noise_sampler"] = lambda s, s_next: p.rng.next()

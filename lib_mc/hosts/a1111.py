@@ -72,6 +72,9 @@ def process_batch(p, **kwargs) -> None:
 def process_before_every_sampling(p, **kwargs) -> None:
     state = webui.first_pass_state(p)
     if state is None:
+        hires = webui.hires_pass_state(p)
+        if hires is not None:
+            _route_hires(p, hires, kwargs.get("x"))
         return
     if state.error is None and state.prepared is not None:
         try:
@@ -83,6 +86,20 @@ def process_before_every_sampling(p, **kwargs) -> None:
     cfg = p.sampler.model_wrap_cfg
     counter = webui.StepCount(cfg, p)
     webui.wrap_sampler(p, state, counter, routing=_routing(cfg, state, counter))
+
+
+def _route_hires(p, state: webui.JobState, x) -> None:
+    """The hires pass: one pass with the concepts' branches under their upscaled regions."""
+    try:
+        state.session = MultiConceptSession(
+            p.sd_model.model.diffusion_model, webui.hires_plan(p, state, x),
+            context_key="crossattn" if getattr(p.sd_model, "is_sdxl", False) else "c_crossattn")
+    except Exception as exc:   # a plain hires pass, said in the infotext
+        webui.hires_failed(p, state, exc)
+        return
+    cfg = p.sampler.model_wrap_cfg
+    counter = webui.StepCount(cfg, p)
+    webui.wrap_hires_sampler(p, state, routing=_routing(cfg, state, counter))
 
 
 def _routing(cfg, state: webui.JobState, counter: webui.StepCount) -> PatchSet:

@@ -91,6 +91,9 @@ def process_batch(p, **kwargs) -> None:
 def process_before_every_sampling(p, **kwargs) -> None:
     state = webui.first_pass_state(p)
     if state is None:
+        hires = webui.hires_pass_state(p)
+        if hires is not None:
+            _route_hires(p, hires, kwargs.get("x"))
         return
     counter = webui.StepCount(p.sampler.model_wrap_cfg, p)
     if state.error is None and state.prepared is not None:
@@ -101,14 +104,29 @@ def process_before_every_sampling(p, **kwargs) -> None:
     webui.wrap_sampler(p, state, counter)
 
 
-def _routed_unet(unet, state: webui.JobState, counter: webui.StepCount):
+def _route_hires(p, state: webui.JobState, x) -> None:
+    """The hires pass: one pass with the concepts' branches under their upscaled regions."""
+    counter = webui.StepCount(p.sampler.model_wrap_cfg, p)
+    unet = p.sd_model.forge_objects.unet
+    if getattr(unet, "_multi_concept_base", None) is not None:   # still the first pass's routed clone
+        unet = unet._multi_concept_base
+    try:
+        p.sd_model.forge_objects.unet = _routed_unet(unet, state, counter, webui.hires_plan(p, state, x))
+    except Exception as exc:   # a plain hires pass, said in the infotext
+        webui.hires_failed(p, state, exc)
+        return
+    webui.wrap_hires_sampler(p, state)
+
+
+def _routed_unet(unet, state: webui.JobState, counter: webui.StepCount, plan=None):
     """A clone of the batch's UnetPatcher whose UNet calls and attention go through the engine."""
     if "model_function_wrapper" in unet.model_options:
         raise EngineError("another extension wraps Forge's UNet call (model_function_wrapper, e.g. "
                           "MultiDiffusion); Multi-Concept cannot run together with it: disable one of them")
-    state.session = MultiConceptSession(unet.model.diffusion_model, state.prepared.plan,
+    state.session = MultiConceptSession(unet.model.diffusion_model, plan or state.prepared.plan,
                                         context_key="c_crossattn", attention_on_modules=False)
     routed = unet.clone()
+    routed._multi_concept_base = unet
     install_attention(routed, state.session, attention_function)
     routed.set_model_unet_function_wrapper(
         make_unet_wrapper(state.session, step=lambda: counter.step, total_steps=lambda: counter.total))

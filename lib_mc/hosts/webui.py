@@ -17,6 +17,7 @@ Flow per job:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from dataclasses import dataclass, field
@@ -170,6 +171,55 @@ def first_pass_state(p) -> JobState | None:
     if state.routed_sampler is p.sampler:
         return None
     return state
+
+
+def hires_pass_state(p) -> JobState | None:
+    """The job state when this `process_before_every_sampling` is a hires-fix pass in which the
+    concepts act (`hires_loras`) and that is not routed yet; None otherwise."""
+    state = state_of(p)
+    if state is None or not getattr(p, "is_hr_pass", False) or getattr(p, "sampler", None) is None:
+        return None
+    if state.error is not None or state.prepared is None or state.job is None or not state.job.hires_loras:
+        return None
+    if state.session is None or state.routed_sampler is p.sampler:
+        return None
+    return state
+
+
+def hires_plan(p, state: JobState, x: torch.Tensor | None):
+    """The batch's plan at the hires size (the latent the hires pass samples)."""
+    if x is not None:
+        size = (x.shape[-2] * 8, x.shape[-1] * 8)
+    else:
+        size = (int(getattr(p, "hr_upscale_to_y", 0) or p.height), int(getattr(p, "hr_upscale_to_x", 0) or p.width))
+    return state.prepared.plan.at_size(size)
+
+
+def wrap_hires_sampler(p, state: JobState, routing=None) -> None:
+    """Make this hires pass's `sampler.sample_img2img` run with every concept's branch blended
+    under its upscaled region (`state.session` holds the plan at the hires size). A failure to
+    set it up leaves the pass plain and says so in the infotext."""
+    sampler = p.sampler
+    original = sampler.sample_img2img
+    state.routed_sampler = sampler
+    session = state.session
+
+    def single_pass_sample(*args, **kwargs):
+        sampler.__dict__.pop("sample_img2img", None)
+        with contextlib.ExitStack() as stack:
+            if routing is not None:
+                stack.enter_context(routing)
+            stack.enter_context(session.single_pass())
+            return original(*args, **kwargs)
+    sampler.sample_img2img = single_pass_sample
+
+
+def hires_failed(p, state: JobState, exc: Exception) -> None:
+    message = f"hires fix: the concepts could not act in the hires pass ({exc}); it ran plain"
+    print(f"[Multi-Concept] {message}")
+    if state.prepared is not None:
+        state.prepared.warnings.append(message)
+        p.extra_generation_params[WARNINGS_KEY] = "; ".join(state.prepared.warnings)
 
 
 class StepCount:

@@ -175,3 +175,65 @@ def test_automatic_regions_when_cond_and_uncond_are_separate_calls(world, how):
     assert covers(found_split[0, 0], cells(3, 1, 13, 6)) and covers(found_split[1, 0], cells(2, 10, 12, 15))
     assert torch.equal(found_batched, found_split)
     assert torch.allclose(batched, split_out, rtol=1e-4, atol=1e-4)
+
+
+def hires(world, first, plan_job=None, hires_loras=True, scale=2, strength=0.5, seed=3):
+    """A1111's hires pass after `generate`: a new sampler, is_hr_pass, the hook, sample_img2img."""
+    batch = first.shape[0]
+    p = processing(*(v * scale for v in IMAGE[::-1]), steps=4, batch=batch, seed=seed)
+    p.is_hr_pass, p.denoising_strength = True, strength
+    p.sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=world["unet"]), is_sdxl=False)
+    p.sampler = A1111Sampler("Euler", world["ldm"], shared.opts)
+    if plan_job is not None:
+        state, plan = plan_job
+        state.job.hires_loras = hires_loras
+        state.routed_sampler = None
+        p._multi_concept = state
+    upscaled = torch.nn.functional.interpolate(first, scale_factor=scale, mode="nearest")
+    a1111.process_before_every_sampling(p, x=upscaled)
+    noise = torch.randn(upscaled.shape, generator=torch.Generator().manual_seed(seed))
+    return p.sampler.sample_img2img(p, upscaled, noise, world["cond"].expand(batch, -1, -1),
+                                    world["uncond"].expand(batch, -1, -1))
+
+
+def first_pass_with_state(world, plan):
+    shared.opts.batch_cond_uncond = True
+    p = processing(*IMAGE[::-1], steps=4, batch=2, seed=3)
+    p.sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=world["unet"]), is_sdxl=False)
+    p.sampler = A1111Sampler("Euler a", world["ldm"], shared.opts)
+    state = webui.JobState(job=SimpleNamespace(save_layout=False, hires_loras=True))
+    state.prepared = SimpleNamespace(plan=plan, warnings=[])
+    p._multi_concept = state
+    a1111.process_before_every_sampling(p)
+    first = p.sampler.sample(p, p.rng.next(), world["cond"].expand(2, -1, -1), world["uncond"].expand(2, -1, -1))
+    return first, state
+
+
+def test_hires_pass_applies_each_concepts_loras_in_its_upscaled_region(world):
+    plan = drawn_plan(world)
+    first, state = first_pass_with_state(world, plan)
+    plain = hires(world, first)
+    rows = count_unet_rows(world["unet"])
+    try:
+        with_concepts = hires(world, first, (state, plan))
+    finally:
+        rows.remove()
+    # 3 hires steps (strength 0.5 of 4 steps: t_enc 2, as A1111 runs t_enc + 1): base + 2 concepts,
+    # cond and uncond, batch 2, each step
+    assert rows.count == 3 * (1 + 2) * 2 * 2
+    assert with_concepts.shape == plain.shape and torch.isfinite(with_concepts).all()
+    change = (with_concepts - plain).abs().mean(dim=(0, 1, 2))   # per latent column (32 wide)
+    assert change[:12].mean() > 0.01 and change[19:].mean() > 0.01   # alice left, bob right
+    # off: the hires pass is plain, bit for bit; and the host is left as it was
+    assert torch.equal(hires(world, first, (state, plan), hires_loras=False), plain)
+    assert torch.equal(hires(world, first), plain)
+
+
+def test_hires_pass_blending_is_exact(world):
+    """Concepts with no LoRA and the main prompt blend identical predictions: the plain pass."""
+    plan = build_plan([dict(name="a", cond=world["cond"], loras=[], mask=column(0, 56)),
+                       dict(name="b", cond=world["cond"], loras=[], mask=column(72, 128))],
+                      IMAGE, start_at=0.5)
+    first, state = first_pass_with_state(world, plan)
+    plain = hires(world, first)
+    assert torch.allclose(hires(world, first, (state, plan)), plain, rtol=1e-4, atol=1e-4)

@@ -343,12 +343,19 @@ class MultiConceptSession:
         current = torch.nn.functional.adaptive_avg_pool2d(found.float(), grid) > 0.5
         k = plan.options.refine_clusters or len(plan.concepts) + 2
         refined = found.float().clone()
+        kept = torch.ones(found.shape[:2], dtype=torch.bool)
         for row, image in enumerate(images):
             mine = min(image, len(found) - 1)
             new = refine_masks(attention[row].cpu(), current[mine].float(), k)
-            # back at the found masks' resolution, so growing and boxes keep their pixel precision
-            refined[mine] = torch.nn.functional.interpolate(new[None], size=tuple(found.shape[-2:]), mode="nearest")[0]
+            for slot in range(new.shape[0]):
+                if torch.equal(new[slot], current[mine, slot].float()):
+                    continue   # kept (contested, or its segment is its mask)
+                kept[mine, slot] = False
+                # back at the found masks' resolution, so growing and boxes keep their pixel precision
+                refined[mine, slot] = torch.nn.functional.interpolate(
+                    new[None, slot:slot + 1], size=tuple(found.shape[-2:]), mode="nearest")[0, 0]
         refined = self._finished(refined)
+        refined[kept] = found.float()[kept]   # a kept mask stays as found, pixel for pixel (grown once)
         plan.mask_steps.append((f"refined at step {step + 1}", refined))
         plan.resolve_auto(refined)
 

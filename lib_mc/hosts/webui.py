@@ -134,6 +134,7 @@ def process(p, job_arg) -> None:
         if job.enabled and not job.concepts:
             raise JobError("concepts", "is empty: add at least one concept or disable Multi-Concept")
         check_sampler(getattr(p, "sampler_name", None))
+        check_refiner(p)
         prompts = p.prompt if isinstance(p.prompt, list) else [p.prompt or ""]   # Prompt Matrix: a list
         if any(re.search(r"\bAND\b", text or "") for text in prompts):
             raise JobError("prompt", "AND (composable prompts) cannot be combined with Multi-Concept")
@@ -151,9 +152,11 @@ def process_batch(p, services, unet) -> None:
     state.session = state.routed_sampler = None
     try:
         check_model_family(p.sd_model)
+        if any(re.search(r"\bAND\b", text or "") for text in p.prompts):   # wildcards may bring one
+            raise JobError("prompt", "AND (composable prompts) cannot be combined with Multi-Concept")
         state.prepared = prepare(
             state.job, base_prompt=p.prompts[0], base_prompts=list(p.prompts), base_negative=p.negative_prompts[0],
-            image_hw=(p.height, p.width), unet=unet, services=services, networks_cache=state.networks)
+            image_hw=image_hw(p), unet=unet, services=services, networks_cache=state.networks)
         if state.prepared.warnings:
             p.extra_generation_params[WARNINGS_KEY] = "; ".join(state.prepared.warnings)
     except MultiConceptError as exc:
@@ -161,15 +164,47 @@ def process_batch(p, services, unet) -> None:
         print(f"[Multi-Concept] {exc}")
 
 
+def image_hw(p) -> tuple[int, int]:
+    """The image size the WebUI really samples: it floors width and height to multiples of 8
+    (an API request may ask for 100 x 132)."""
+    return p.height // 8 * 8, p.width // 8 * 8
+
+
+def check_refiner(p) -> None:
+    """The SDXL refiner swaps the checkpoint in the middle of sampling; the LoRAs are bound to
+    the first one and the passes could not match up."""
+    if getattr(p, "refiner_checkpoint", None) and (getattr(p, "refiner_switch_at", 1.0) or 0) < 1.0:
+        raise JobError("refiner", "the Refiner (switching checkpoints during sampling) cannot be combined "
+                                  "with Multi-Concept: turn the Refiner off, or run it afterwards in img2img")
+
+
+def check_sampler_call(p) -> None:
+    """Another extension that replaced the sampler's model call (Tiled Diffusion / MultiDiffusion,
+    DemoFusion: an instance `forward` on the CFG denoiser or its inner model) splits the image
+    into tiles the engine's regions do not know."""
+    cfg = getattr(p.sampler, "model_wrap_cfg", None)
+    if cfg is None:
+        return
+    if "forward" in vars(cfg) or "forward" in vars(getattr(cfg, "inner_model", object())):
+        raise EngineError("another extension replaced the sampler's model call (e.g. Tiled Diffusion / "
+                          "MultiDiffusion or DemoFusion); Multi-Concept cannot run together with it: disable one of them")
+
+
 def first_pass_state(p) -> JobState | None:
     """The job state when this `process_before_every_sampling` is the first pass of a batch
     that still has to be routed; None otherwise (no job, hires pass, or already done: Forge
-    calls the hook twice)."""
+    calls the hook twice). A job that cannot run with this sampler call gets its error here,
+    before the layout pass."""
     state = state_of(p)
     if state is None or getattr(p, "is_hr_pass", False) or getattr(p, "sampler", None) is None:
         return None
     if state.routed_sampler is p.sampler:
         return None
+    if state.error is None:
+        try:
+            check_sampler_call(p)
+        except MultiConceptError as exc:
+            state.error = exc
     return state
 
 

@@ -123,3 +123,16 @@ def test_kmeans_is_deterministic_and_separates_clear_groups():
 def test_kmeans_with_fewer_distinct_rows_than_segments_does_not_fail():
     labels = kmeans(torch.ones(16, 16) / 16, 4)   # uniform attention: one segment
     assert labels.shape == (16,) and len(set(labels.tolist())) == 1
+
+
+def test_a_contested_concept_keeps_its_mask_at_full_precision():
+    """Both concepts want the one segment of uniform attention: each keeps its own found mask,
+    pixel for pixel, not its blocky image at the refinement grid (latent / 4)."""
+    plan = build_plan([dict(name="a", cond=random_context(3), auto_tokens=[2]),
+                       dict(name="b", cond=random_context(4), auto_tokens=[5])], IMAGE, start_at=0.34)
+    found = torch.stack([box(5, 3, 19, 13), box(7, 17, 27, 30)])[None]   # edges off the 4-cell grid
+    plan.resolve_auto(found.clone())
+    session = MultiConceptSession(make_unet(), plan)
+    session._refine(torch.full((1, 64, 64), 1 / 64), step=3, images=(0,))
+    assert torch.equal(plan.found_masks, found)
+    assert plan.mask_steps[-1][0] == "refined at step 4"

@@ -113,7 +113,7 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
                 cache[lora.path] = load_network(lora.path, lora.name)
             use = LoraUse(cache[lora.path], weight)
             try:   # shapes are checked here, so a misfit is skipped by name, not half-applied
-                bind_loras(unet, [use], warn=lambda m: None)
+                bind_loras(unet, [use], warn=lambda m: warnings.append(f"{m.removeprefix('[Multi-Concept] ')} ({where})"))
             except LoraMismatchError as exc:
                 warnings.append(f"{exc} ({where}): skipped")
                 skipped.append(lora.name)

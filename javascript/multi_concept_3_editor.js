@@ -31,7 +31,7 @@
             this.imageWidth = 512;
             this.imageHeight = 512;
             this.concepts = [];        // [{name, layer, shown, source, sourceVersion}]
-            this.awaiting = null;      // {regions, until}: an export whose echo from Python is due
+            this.awaiting = null;      // {regions, edited, until}: an export whose echo from Python is due
             this.order = [];           // concept indices, back to front
             this.active = 0;
             this.tool = "rect";
@@ -120,8 +120,9 @@
             const regionsOf = (j) => j.concepts.map((spec) => spec.region || null);
             let stale = false;
             if (this.awaiting) {
-                const echo = this.awaiting.regions.length === count &&
-                    regionsOf(job).every((region, i) => sameRegion(region, this.awaiting.regions[i]));
+                const {regions, edited} = this.awaiting;   // only what was edited comes back as sent
+                const echo = regions.length === count &&
+                    regionsOf(job).every((region, i) => !edited.includes(i) || sameRegion(region, regions[i]));
                 if (echo || performance.now() > this.awaiting.until) this.awaiting = null;
                 else stale = true;
             }
@@ -166,17 +167,21 @@
 
         // ---- editor -> Python ---------------------------------------------------------------
 
-        exportRegions() {
+        // `edited`: the concepts this edit changed (all when not given). Python sets only their
+        // region controls, so a concept whose control was just changed elsewhere (a job still
+        // on its way here) is never set back from what the canvas shows of it.
+        exportRegions(edited) {
             const regions = this.concepts.map((concept) => {
                 const untouched = concept.source !== undefined && concept.layer.version === concept.sourceVersion;
                 const region = untouched ? concept.source : concept.layer.toRegion();
                 concept.shown = region;
                 return region;
             });
-            this.awaiting = {regions, until: performance.now() + ECHO_TIMEOUT_MS};
+            edited = edited || regions.map((_, index) => index);
+            this.awaiting = {regions, edited, until: performance.now() + ECHO_TIMEOUT_MS};
             const z = new Array(this.concepts.length).fill(0);
             this.order.forEach((index, position) => { z[index] = position; });
-            const payload = JSON.stringify({regions, z});
+            const payload = JSON.stringify({regions, z, edited});
             this.lastExport = payload;
             if (MC.sendToPython) MC.sendToPython(payload);
         }
@@ -232,7 +237,7 @@
             this.order = front.reverse();
             this.legend.update();
             this.requestRender();
-            this.exportRegions();
+            this.exportRegions([]);   // the order only
         }
 
         clearActive() {
@@ -241,7 +246,7 @@
             this.remember();
             concept.layer.clear();
             this.requestRender();
-            this.exportRegions();
+            this.exportRegions([this.active]);
         }
 
         clearAll() {
@@ -303,7 +308,7 @@
                 if (this.tool === "fill") {
                     concept.layer.floodFill(point[0], point[1]);
                     this.requestRender();
-                    this.exportRegions();
+                    this.exportRegions([this.active]);
                     return;
                 }
                 this.drag = {start: point, points: [point], id: event.pointerId, add: event.shiftKey};
@@ -331,7 +336,7 @@
                 }
                 this.drag = null;
                 this.requestRender();
-                this.exportRegions();
+                this.exportRegions([this.active]);
             };
             canvas.addEventListener("pointerup", end);
             canvas.addEventListener("pointercancel", end);

@@ -105,6 +105,17 @@ def parse_canvas(text) -> tuple[list, list]:
     return regions, z
 
 
+def edited_concepts(text) -> set[int] | None:
+    """The concepts the canvas's last edit changed ("edited"); None: all of them."""
+    try:
+        edited = json.loads(text).get("edited")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if not isinstance(edited, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in edited):
+        return None
+    return set(edited)
+
+
 def canvas_text(regions: list, z: list) -> str:
     return json.dumps({"regions": regions, "z": z})
 
@@ -167,13 +178,18 @@ def _same_region(a: dict, b: dict) -> bool:
 def apply_canvas(*values) -> list:
     """Control values with the canvas field just written by the editor -> new control values.
 
-    A region that the canvas reports unchanged keeps its control (an uploaded mask stays an
-    upload); a drawn rectangle becomes its preset or "rectangle"; anything else is "drawn".
+    Only the concepts the edit changed are touched: the canvas may still show another concept's
+    region from before a change of its controls that is on its way to the canvas. A region that
+    the canvas reports unchanged keeps its control (an uploaded mask stays an upload); a drawn
+    rectangle becomes its preset or "rectangle"; anything else is "drawn".
     """
     values = list(values)
     regions, _ = parse_canvas(values[TOP_FIELDS.index("canvas")])
+    edited = edited_concepts(values[TOP_FIELDS.index("canvas")])
     count = max(1, min(MAX_UI_CONCEPTS, int(values[TOP_FIELDS.index("count")] or 1)))
     for i in range(min(count, len(regions))):
+        if edited is not None and i not in edited:
+            continue
         start = len(TOP_FIELDS) + i * len(CONCEPT_FIELDS)
         at = {field: start + CONCEPT_FIELDS.index(field) for field in ("region", "x", "y", "w", "h", "mask")}
         current = values[at["region"]]

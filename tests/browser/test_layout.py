@@ -75,3 +75,20 @@ def test_every_kind_of_control_reaches_the_job_and_no_edit_rewrites_another_conc
     mask = region_mask(second.region, (64, 64), "m").numpy()   # the uploaded file: white lower half
     assert mask[48, 32] == 1 and mask[16, 32] == 0
     assert parsed.concepts[0].region.type == "rect" and parsed.concepts[0].region.w == 0.5
+
+
+def test_a_canvas_edit_names_the_concept_it_changed(page, panel_app):
+    """Python sets the region controls of those concepts only (panel_state.apply_canvas)."""
+    page.click(f'{PANEL} [data-concept="1"]')
+    page.click(f'{PANEL} [data-tool="rect"]')
+    box = page.locator(f"{PANEL} canvas.mc-canvas").bounding_box()
+    page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.2 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.9 * box["width"], box["y"] + 0.8 * box["height"], steps=8)
+    page.mouse.up()
+    wait_for_job(page, "Math.abs(job.concepts[1].region.x - 0.6) < 0.02")
+    sent = json.loads(page.locator(f"{PANEL}_canvas_data textarea").input_value())
+    assert sent["edited"] == [1] and len(sent["regions"]) == 2
+    page.locator(f'{PANEL} [data-concept="0"] button[title="Bring forward"]').click()   # the order only
+    page.wait_for_function("JSON.parse(document.querySelector('#multi_concept_canvas_data textarea').value)"
+                           ".edited.length === 0")

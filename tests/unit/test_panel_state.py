@@ -125,6 +125,23 @@ def test_a_region_the_canvas_reports_unchanged_keeps_its_control():
     assert applied == values   # left half stays the preset, the upload stays an upload
 
 
+def test_a_canvas_edit_sets_only_the_concepts_it_edited():
+    """The canvas still shows concept 1's left half while its control was just set to a
+    rectangle (that job is on its way to the page); a stroke for concept 2 must not set it back."""
+    values = default_values()
+    set_row(values, 0, region="rectangle", x=0.2, y=0.1, w=0.3, h=0.5)
+    stroke = compose_mask_png()
+    regions = [{"type": "rect", "x": 0, "y": 0, "w": 0.5, "h": 1}, {"type": "mask", "png": stroke}]
+    values[TOP_FIELDS.index("canvas")] = json.dumps({"regions": regions, "z": [0, 1], "edited": [1]})
+    job = parse_job(compose(*apply_canvas(*values)))
+    first = job.concepts[0].region
+    assert (first.type, first.x, first.w) == ("rect", 0.2, 0.3)
+    assert job.concepts[1].region.png == stroke
+    # an edit of every concept (undo, a preset; or a canvas that does not say) sets them all
+    values[TOP_FIELDS.index("canvas")] = json.dumps({"regions": regions, "z": [0, 1]})
+    assert parse_job(compose(*apply_canvas(*values))).concepts[0].region.x == 0
+
+
 def test_a_cleared_region_asks_for_a_drawing_by_name():
     values = default_values()
     values[TOP_FIELDS.index("canvas")] = canvas([None, {"type": "rect", "x": 0.5, "y": 0, "w": 0.5, "h": 1}])

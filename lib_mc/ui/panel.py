@@ -3,7 +3,9 @@ argument: a hidden textbox holding the job JSON, written by the visible controls
 
 Layout (one screen tall whatever the number of concepts): Enable, Mode and Concepts; the region
 canvas; one tab per concept, showing only the fields its region kind needs; the rarely changed
-options folded under "Options".
+options folded under "Options". What is to come fits the same frame: a mode's own settings go
+under Options, a concept's other identities (face photos, reference pictures) into its tab,
+shown by their kind as the region fields are.
 
 Pasted infotext goes to a second hidden box (`paste_box`) that fills the controls, so a
 control's own updates never loop back into it.

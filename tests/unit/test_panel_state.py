@@ -63,6 +63,16 @@ def test_concepts_in_the_hires_pass_round_trips_through_the_job_and_a_paste():
     assert decompose(json.dumps({"concepts": [{"name": "a"}]}))[TOP_FIELDS.index("hires_loras")] is True
 
 
+def test_concepts_in_the_hires_pass_off_comes_back_from_an_image_infotext():
+    from lib_mc.infotext import job_to_infotext
+    values = default_values()
+    values[TOP_FIELDS.index("enabled")] = True
+    values[TOP_FIELDS.index("hires_loras")] = False
+    text = job_to_infotext(parse_job(compose(*values)))   # what the image's parameters hold
+    pasted = decompose(text)
+    assert pasted[TOP_FIELDS.index("hires_loras")] is False and pasted[TOP_FIELDS.index("enabled")] is True
+
+
 def test_a_concept_shows_only_the_fields_its_region_kind_needs():
     shown = {kind: {name for name, on in shown_fields(kind).items() if on} for kind in REGION_CHOICES}
     assert shown["rectangle"] == {"box"}

@@ -157,6 +157,9 @@ def process_batch(p, services, unet) -> None:
         state.prepared = prepare(
             state.job, base_prompt=p.prompts[0], base_prompts=list(p.prompts), base_negative=p.negative_prompts[0],
             image_hw=image_hw(p), unet=unet, services=services, networks_cache=state.networks)
+        plan = state.prepared.plan
+        arch = "sdxl" if getattr(p.sd_model, "is_sdxl", False) else "sd1"
+        plan.options.max_rows_per_call = webui_models.rows_per_call(arch, plan.regions.latent_hw)
         if state.prepared.warnings:
             p.extra_generation_params[WARNINGS_KEY] = "; ".join(state.prepared.warnings)
     except MultiConceptError as exc:

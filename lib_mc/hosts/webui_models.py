@@ -13,12 +13,14 @@ import torch
 
 from modules import devices, paths, shared
 
+from .. import memory
 from ..auto import faces as face_detection
 from ..auto import sam
 from .layout_images import decode, to_images
 
 SETTING = "multi_concept_sam_model"
 FACES_SETTING = "multi_concept_faces"
+MAX_ROWS_SETTING = "multi_concept_max_rows"
 MODELS = sam.SamModels()
 _detectors: dict[str, face_detection.FaceDetector] = {}
 _told: set[str] = set()
@@ -76,6 +78,27 @@ def choices() -> list[str]:
     return ["auto", "none"] + files
 
 
+def rows_per_call(arch: str, latent_hw: tuple[int, int]) -> int | None:
+    """Rows per UNet call for this job: what the free GPU memory holds (CUDA only; None = no
+    limit on the CPU), capped by the setting."""
+    cap = int(getattr(shared.opts, MAX_ROWS_SETTING, 0) or 0)
+    free = None
+    device = torch.device(devices.device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        driver_free, _ = torch.cuda.mem_get_info(device)
+        free = driver_free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    dtype_bytes = torch.tensor([], dtype=getattr(devices, "dtype_unet", torch.float16)).element_size()
+    return choose_rows(free, memory.estimate_bytes_per_row(arch, latent_hw, dtype_bytes), cap)
+
+
+def choose_rows(free_bytes: int | None, bytes_per_row: int, cap: int = 0) -> int | None:
+    """The smaller of what fits (never under one row) and the cap; None: no limit at all."""
+    limits = [cap] if cap > 0 else []
+    if free_bytes is not None:
+        limits.append(max(1, memory.rows_that_fit(free_bytes, bytes_per_row)))
+    return min(limits) if limits else None
+
+
 def register_settings() -> None:
     import gradio as gr
     from modules import script_callbacks
@@ -90,6 +113,10 @@ def register_settings() -> None:
             section=("multi_concept", "Multi-Concept")))
         shared.opts.add_option("multi_concept_free_sam", shared.OptionInfo(
             False, "Free the SAM model after each job (else kept; on the CPU with --lowvram/--medvram)",
+            section=("multi_concept", "Multi-Concept")))
+        shared.opts.add_option(MAX_ROWS_SETTING, shared.OptionInfo(
+            0, "Most UNet rows per call (0 = as many as the free GPU memory holds); lower it if a job "
+               "runs out of memory", gr.Number, {"precision": 0, "minimum": 0},
             section=("multi_concept", "Multi-Concept")))
     script_callbacks.on_ui_settings(add)
 

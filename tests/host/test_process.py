@@ -59,3 +59,47 @@ def test_and_brought_in_by_wildcards_is_refused_per_batch():
     p = SimpleNamespace(_multi_concept=state, prompts=["a man", "a man AND a cat"], sd_model=SimpleNamespace(is_sd1=True))
     webui.process_batch(p, services=None, unet=None)
     assert "AND" in str(state.error)
+
+
+def test_rows_per_call_follow_free_memory_and_the_setting():
+    from modules import shared
+    from lib_mc.hosts import webui_models
+    gib = 2 ** 30
+    assert webui_models.choose_rows(None, 100 * 2 ** 20) is None            # CPU: no limit
+    assert webui_models.choose_rows(None, 100 * 2 ** 20, cap=6) == 6
+    assert webui_models.choose_rows(3 * gib, gib // 2) == 4                  # 1 GiB kept aside
+    assert webui_models.choose_rows(3 * gib, gib // 2, cap=3) == 3
+    assert webui_models.choose_rows(gib, gib) == 1                            # never under one row
+    try:
+        shared.opts.multi_concept_max_rows = 5
+        assert webui_models.rows_per_call("sdxl", (128, 128)) == 5            # this CPU: the setting only
+    finally:
+        del shared.opts.multi_concept_max_rows
+
+
+def test_the_batch_plan_gets_its_rows_per_call():
+    from modules import shared
+    from lib_mc.job import parse_job
+    from lib_mc.prepare import parse_lora_tags
+    from tinyhost import make_unet, random_context
+
+    class Services:
+        model_arch = "sd1"
+
+        def find_lora(self, name):
+            return None
+
+        def parse_tags(self, prompt):
+            return parse_lora_tags(prompt)
+
+        def encode(self, prompt, loras):
+            return {"c_crossattn": random_context(1)}
+    state = webui.JobState(job=parse_job({"enabled": True, "concepts": [{"name": "a", "region": {"type": "rect", "w": 0.5}}]}))
+    p = SimpleNamespace(_multi_concept=state, prompts=["a man"], negative_prompts=[""], width=128, height=128,
+                        extra_generation_params={}, sd_model=SimpleNamespace(is_sd1=True))
+    try:
+        shared.opts.multi_concept_max_rows = 7
+        webui.process_batch(p, Services(), make_unet())
+    finally:
+        del shared.opts.multi_concept_max_rows
+    assert state.error is None and state.prepared.plan.options.max_rows_per_call == 7

@@ -101,9 +101,10 @@ def a1111_path(world, plan, x, sigma):
     return session, first, second
 
 
-def forge_path(world, plan, x, sigma, control=None, seen=None):
+def forge_path(world, plan, x, sigma, control=None, seen=None, stage2_split=False):
     """The same through forge_routing, called as Forge's calc_cond_uncond_batch calls the
-    wrapper: rows [uncond, cond], cond_or_uncond [1, 0], options and ControlNet residuals."""
+    wrapper: rows [uncond, cond], cond_or_uncond [1, 0], options and ControlNet residuals.
+    stage2_split: in stage 2 Forge found less free memory and calls cond and uncond apart."""
     batch = x.shape[0]
     session = MultiConceptSession(world["unet"], plan, attention_on_modules=False)
     patcher = PatcherOptions()
@@ -123,7 +124,16 @@ def forge_path(world, plan, x, sigma, control=None, seen=None):
         with session.stage1():
             first = wrapper(apply_model, args)
         with session.stage2():
-            second = wrapper(apply_model, args)
+            if not stage2_split:
+                second = wrapper(apply_model, args)
+            else:
+                halves = []
+                for flag, rows in ((0, slice(batch, None)), (1, slice(0, batch))):
+                    part = {"input": args["input"][rows], "timestep": args["timestep"][rows], "cond_or_uncond": [flag],
+                            "c": {"c_crossattn": args["c"]["c_crossattn"][rows],
+                                  "transformer_options": {"sigmas": sigma}, "control": control}}
+                    halves.append(wrapper(apply_model, part))
+                second = torch.cat([halves[1], halves[0]])   # back in Forge's [uncond, cond] order
     return session, first, second
 
 
@@ -137,6 +147,15 @@ def test_forge_rows_and_attention_patches_give_the_engine_result_of_the_a1111_pa
     assert torch.allclose(torch.cat([second_f[2:], second_f[:2]]), second_a, atol=1e-5)
     # and the concepts changed the picture (replay, key masks and LoRA rows all took part)
     assert (second_a - first_a).abs().max() > 1e-2
+
+
+def test_forge_batching_cond_and_uncond_differently_in_stage_2_gives_the_same_result(world):
+    """Forge picks its cond/uncond batching from free memory at every step: stage 1 batched,
+    stage 2 in two calls ([cond], then [uncond])."""
+    x, sigma = inputs(world)
+    _, _, batched = forge_path(world, plan_of(world), x, sigma)
+    _, _, split = forge_path(world, plan_of(world), x, sigma, stage2_split=True)
+    assert torch.allclose(batched, split, rtol=1e-4, atol=1e-4)
 
 
 def test_stage1_records_the_same_attention_maps_for_automatic_regions(world):

@@ -254,8 +254,8 @@ class MultiConceptSession:
             rows = RowPlan()
             for part in chunk:
                 rows.add(part.group.kind, part.group.n_cond, part.group.n_uncond, part.group.index)
-            conds, key_mask = self._cat_conds([block for p in chunk for block in p.conds])
-            call = CallState(rows, key_mask=key_mask, replay_cross=self.plan.options.layout_replay,
+            conds = self._cat_conds([block for p in chunk for block in p.conds], [b for p in parts for b in p.conds])
+            call = CallState(rows, replay_cross=self.plan.options.layout_replay,
                              replay_self_max_tokens=self._self_replay_tokens() if replay_self else 0,
                              capture_self_tokens=self._self_replay_tokens() if refine else 0)
             out = self._model(model_fn, torch.cat([p.x for p in chunk]), torch.cat([p.sigma for p in chunk]),
@@ -398,28 +398,30 @@ class MultiConceptSession:
             chunks[-1].append(part)
         return chunks
 
-    def _cat_conds(self, conds: list[Conditioning]) -> tuple[Conditioning, torch.Tensor | None]:
-        """Stack conditioning rows; pad contexts of different lengths and mask the padding."""
+    def _cat_conds(self, conds: list[Conditioning], pad_like: list[Conditioning] = ()) -> Conditioning:
+        """Stack conditioning rows. Contexts shorter than the longest of `conds`, `pad_like` (the
+        whole host call) and every concept's own prompts are padded as A1111 stacks prompts of
+        different lengths (prompt_parser.stack_conds: the last vector repeated), so every row is an
+        ordinary prompt to the host's attention and other extensions' patches, and a row's
+        padding does not depend on how the rows are split into calls."""
         keys = conds[0].keys()
         for c in conds[1:]:
             if c.keys() != keys:
                 raise EngineError(f"conditioning keys differ between branches: {sorted(keys)} vs {sorted(c.keys())}")
-        stacked, key_mask = {}, None
+        own = [c for concept in self.plan.concepts for c in (concept.cond, concept.uncond) if c is not None]
+        length = max((c[self.context_key].shape[1] for c in [*conds, *pad_like, *own] if self.context_key in c),
+                     default=0)
+        stacked = {}
         for key in keys:
             tensors = [c[key] for c in conds]
-            if key == self.context_key and len({t.shape[1] for t in tensors}) > 1:
-                length = max(t.shape[1] for t in tensors)
-                masks = []
-                for t in tensors:
-                    masks.append(torch.arange(length, device=t.device)[None].expand(t.shape[0], -1) < t.shape[1])
-                key_mask = torch.cat(masks)
-                tensors = [torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t in tensors]
+            if key == self.context_key:
+                tensors = [torch.cat([t, t[:, -1:].expand(-1, length - t.shape[1], -1)], 1) for t in tensors]
             try:
                 stacked[key] = torch.cat(tensors)
             except RuntimeError as exc:
                 raise EngineError(f"conditioning '{key}' has different shapes between branches: "
                                   f"{[tuple(t.shape) for t in tensors]}") from exc
-        return stacked, key_mask
+        return stacked
 
 
 def _tokens_per_image(auto: list) -> list[list[list[int]]] | None:

@@ -1,14 +1,19 @@
 """The engine's attention, in two forms that share one core (`attend`):
 
 - `make_attention_forward`: a forward for any module shaped like ldm's CrossAttention
-  (to_q/k/v/out, heads), installed on module instances (A1111). It falls through to the host's
-  own forward unless this call needs something from it.
-- `attend` itself, for hosts that hand over projected q, k, v (Forge's attention replace
-  patches): `host(q, k, v)` is then the host's own attention for the pass-through.
+  (to_q/k/v/out, heads), installed on module instances (A1111).
+- `attend`, for hosts that hand over projected q, k, v (Forge's attention replace patches).
 
-What a call may need: a key mask (concept prompts of other lengths were zero-padded), layout
-replay (base rows take the layout row's attention), or a capture of the base rows'
-self-attention for mask refinement. Probabilities are formed only for the rows that need them.
+The host's own attention, with whatever other extensions chained onto it (IP-Adapter,
+InstantID, ...), computes every row of every call; the engine only adjusts rows afterwards:
+- cross-attention replay: the base cond rows take the layout row's output, copied after the
+  chained attention (to_out is per row, so copying after it is the same as before it);
+- self-attention replay (low-resolution layers, early steps): the base cond rows' output is
+  recomputed as softmax(q_layout k_layout^T) v_base, the only rows the engine computes itself;
+- refinement capture: the base cond rows' q and k of one decoder self-attention are projected
+  again for their probabilities; the output stays the host's.
+Concept contexts of other lengths are padded the way A1111 pads (the engine's `_cat_conds`),
+so no key mask is needed.
 """
 
 from __future__ import annotations
@@ -40,60 +45,59 @@ def _replays(call: CallState, cross: bool, n_tokens: int) -> bool:
     return call.replay_cross if cross else n_tokens <= call.replay_self_max_tokens
 
 
-def needs_qkv(call: CallState, cross: bool, n_tokens: int, decoder: bool) -> bool:
-    return (cross and call.key_mask is not None) or _replays(call, cross, n_tokens) or \
-        _wants_capture(call, cross, n_tokens, decoder)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, call: CallState, *,
-           cross: bool, decoder: bool, host: HostAttention | None = None) -> torch.Tensor:
-    """Projected q, k, v (B, n, heads * d) -> attention output (B, n, heads * d), before to_out."""
-    n_tokens = q.shape[1]
-    if _wants_capture(call, cross, n_tokens, decoder):
-        _capture(q, k, heads, call)
-    key_mask = call.key_mask if cross else None
-    replay = _replays(call, cross, n_tokens)
-    if key_mask is None and not replay and host is not None:
-        return host(q, k, v)
-    qh, kh, vh = (_heads(t, heads) for t in (q, k, v))
-    attn_mask = None if key_mask is None else key_mask[:, None, None, :].to(qh.device)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask)
-    if replay:
-        layout, base = call.replay_pair
-        if cross:
-            # Layout and base cond rows share the base prompt's context, so their V is equal
-            # and (layout probs @ base V) is the layout row's output: no probabilities needed.
-            out[base] = out[layout]
-        else:
-            scale = qh.shape[-1] ** -0.5
-            logits = qh[layout].float() @ kh[layout].float().transpose(-1, -2) * scale
-            out[base] = logits.softmax(-1).to(vh.dtype) @ vh[base]
+def _self_replay(q_layout: torch.Tensor, k_layout: torch.Tensor, v_base: torch.Tensor, heads: int) -> torch.Tensor:
+    """The layout rows' self-attention probabilities applied to the base rows' values, before to_out."""
+    qh, kh, vh = (_heads(t, heads) for t in (q_layout, k_layout, v_base))
+    logits = qh.float() @ kh.float().transpose(-1, -2) * qh.shape[-1] ** -0.5
+    out = logits.softmax(-1).to(vh.dtype) @ vh
     b, h, n, d = out.shape
     return out.transpose(1, 2).reshape(b, n, h * d)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, call: CallState, *,
+           cross: bool, decoder: bool, host: HostAttention) -> torch.Tensor:
+    """Projected q, k, v (B, n, heads * d) -> attention output (B, n, heads * d), before to_out:
+    the host's (chained) attention, with the replayed rows put in."""
+    n_tokens = q.shape[1]
+    base = call.rows.find("base")
+    if base is not None and _wants_capture(call, cross, n_tokens, decoder):
+        _capture(q[base.cond_rows], k[base.cond_rows], heads, call)
+    out = host(q, k, v)
+    if _replays(call, cross, n_tokens):
+        layout, base_cond = call.replay_pair
+        out[base_cond] = out[layout] if cross else _self_replay(q[layout], k[layout], v[base_cond], heads)
+    return out
+
+
 def make_attention_forward(module, original, run: RunState):
     def forward(x, context=None, mask=None, **kwargs):
+        out = original(x, context=context, mask=mask, **kwargs)
         call = run.call
-        # sgm passes extra kwargs (additional_tokens, crossframe); any non-default one: host's path
+        # sgm passes extra kwargs (additional_tokens, crossframe); any non-default one: host's result as is
         if call is None or mask is not None or any(v for v in kwargs.values()):
-            return original(x, context=context, mask=mask, **kwargs)
-        cross = context is not None
-        decoder = module in run.decoder_self_attention
-        if not needs_qkv(call, cross, x.shape[1], decoder):
-            return original(x, context=context, mask=mask, **kwargs)
-        source = context if cross else x
-        q, k, v = module.to_q(x), module.to_k(source), module.to_v(source)
-        return module.to_out(attend(q, k, v, module.heads, call, cross=cross, decoder=decoder))
+            return out
+        cross = context is not None and context is not x
+        n_tokens = x.shape[1]
+        base = call.rows.find("base")
+        if base is not None and _wants_capture(call, cross, n_tokens, module in run.decoder_self_attention):
+            rows = x[base.cond_rows]
+            _capture(module.to_q(rows), module.to_k(rows), module.heads, call)
+        if _replays(call, cross, n_tokens):
+            layout, base_cond = call.replay_pair
+            if cross:
+                out[base_cond] = out[layout]
+            else:
+                mine = x[layout]
+                replayed = _self_replay(module.to_q(mine), module.to_k(mine), module.to_v(x[base_cond]), module.heads)
+                out[base_cond] = module.to_out(replayed)
+        return out
     return forward
 
 
 @torch.no_grad()
 def _capture(q: torch.Tensor, k: torch.Tensor, heads: int, call: CallState) -> None:
-    """The base cond rows' self-attention probabilities, averaged over heads: (B, n, n)."""
-    base = call.rows.find("base")
-    if base is None:
-        return
-    qh, kh = _heads(q[base.cond_rows], heads), _heads(k[base.cond_rows], heads)
+    """The base cond rows' (q, k given for those rows only) self-attention probabilities,
+    averaged over heads: (B, n, n)."""
+    qh, kh = _heads(q, heads), _heads(k, heads)
     probs = (qh.float() @ kh.float().transpose(-1, -2) * qh.shape[-1] ** -0.5).softmax(-1)
     call.captured["self"] = probs.mean(1)

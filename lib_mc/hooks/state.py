@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from ..rows import RowPlan
 
 
 @dataclass
 class CallState:
     rows: RowPlan
-    key_mask: torch.Tensor | None = None     # (rows, tokens) bool, True = real token
     replay_cross: bool = False               # base cond rows take the layout row's cross-attention
     replay_self_max_tokens: int = 0          # ... and self-attention in layers up to this size
     capture_self_tokens: int = 0             # keep the base rows' self-attention of the first decoder layer this size

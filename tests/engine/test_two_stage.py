@@ -53,6 +53,12 @@ def one_call(world, session, batch=2, seed=5, drift=0.0, output="x0"):
     return x_stage2, sigma_in, cond_in, out
 
 
+def padded(context, tokens=12):
+    """A context as the engine stacks it beside alice's 12-token prompt: the last vector
+    repeated, as A1111's prompt_parser.stack_conds pads prompts of different lengths."""
+    return torch.cat([context, context[:, -1:].expand(-1, tokens - context.shape[1], -1)], 1)
+
+
 def predict(unet, x_in, sigma_in, cond, uncond, batch, output="x0"):
     """A plain run of a (possibly LoRA-merged) UNet, cond and uncond rows each with their own prompt."""
     denoiser = CompVisDenoiser(TinyLDM(unet))
@@ -106,11 +112,12 @@ def test_stage2_before_start_runs_no_unet_and_after_runs_one_call_per_step(world
 def test_blend_takes_each_concepts_prediction_inside_its_mask_and_base_outside(world, output):
     session = MultiConceptSession(world["unet"], two_concepts(world, start_at=0.0, layout_replay=False))
     x_in, sigma_in, cond_in, out = one_call(world, session, output=output)
+    uncond = padded(world["uncond"])
     alice = predict(merged_copy(world["unet"], [(world["alice_parts"], 0.8)]), x_in, sigma_in,
-                    world["alice_cond"], world["uncond"], 2, output)
+                    world["alice_cond"], uncond, 2, output)
     bob = predict(merged_copy(world["unet"], [(world["bob_parts"], 1.0)]), x_in, sigma_in,
-                  world["bob_cond"], world["uncond"], 2, output)
-    base = predict(world["unet"], x_in, sigma_in, world["cond"], world["uncond"], 2, output)
+                  padded(world["bob_cond"]), uncond, 2, output)
+    base = predict(world["unet"], x_in, sigma_in, padded(world["cond"]), uncond, 2, output)
     weights = session.plan.regions.latent
     inside_alice, inside_bob, outside = weights[1] == 1, weights[2] == 1, weights[0] == 1
     assert inside_alice.sum() == 16 * 6 and inside_bob.sum() == 8 * 6 and outside.sum() == 256 - 96 - 48
@@ -118,7 +125,7 @@ def test_blend_takes_each_concepts_prediction_inside_its_mask_and_base_outside(w
         torch.testing.assert_close(out[..., region], reference[..., region], atol=2e-5, rtol=1e-4)
     # the other concept's LoRA does not reach alice's rows
     both = predict(merged_copy(world["unet"], [(world["alice_parts"], 0.8), (world["bob_parts"], 1.0)]),
-                   x_in, sigma_in, world["alice_cond"], world["uncond"], 2, output)
+                   x_in, sigma_in, world["alice_cond"], uncond, 2, output)
     assert (out[..., inside_alice] - both[..., inside_alice]).abs().max() > 1e-2
     assert (alice - base).abs().max() > 1e-2   # the LoRA and prompt matter at all
 
@@ -130,7 +137,7 @@ def test_concept_with_two_loras_equals_both_merged(world):
     session = MultiConceptSession(world["unet"], plan)
     x_in, sigma_in, _, out = one_call(world, session, batch=1)
     reference = predict(merged_copy(world["unet"], [(world["alice_parts"], 0.5), (world["bob_parts"], -0.7)]),
-                        x_in, sigma_in, world["alice_cond"], world["uncond"], 1)
+                        x_in, sigma_in, world["alice_cond"], padded(world["uncond"]), 1)
     torch.testing.assert_close(out, reference, atol=2e-5, rtol=1e-4)
 
 
@@ -155,11 +162,10 @@ class Capture:
         context = kwargs.get("context", args[1] if len(args) > 1 else None)
         self.calls.append((args[0].detach(), None if context is None else context.detach(), output.detach()))
 
-    def expected(self, x, context, probs_from, tokens=8):
-        """to_out(softmax(q(x[probs_from]) k^T) v) per head: attention with another row's probabilities.
-        Contexts are cut to the base prompt's `tokens` (the engine zero-pads longer concept prompts)."""
+    def expected(self, x, context, probs_from):
+        """to_out(softmax(q(x[probs_from]) k^T) v) per head: attention with another row's probabilities."""
         m = self.module
-        source = x if context is None else context[:, :tokens]
+        source = x if context is None else context
         q, k, v = m.to_q(x), m.to_k(source), m.to_v(source)
         b, n, inner = q.shape
         h, d = m.heads, inner // m.heads

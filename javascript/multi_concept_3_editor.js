@@ -32,6 +32,7 @@
             this.imageHeight = 512;
             this.concepts = [];        // [{name, layer, shown, source, sourceVersion}]
             this.awaiting = null;      // {regions, edited, until}: an export whose echo from Python is due
+            this.unconfirmed = new Set();   // concepts edited here whose region Python has not echoed yet
             this.order = [];           // concept indices, back to front
             this.active = 0;
             this.tool = "rect";
@@ -123,6 +124,7 @@
                 const {regions, edited} = this.awaiting;   // only what was edited comes back as sent
                 const echo = regions.length === count &&
                     regionsOf(job).every((region, i) => !edited.includes(i) || sameRegion(region, regions[i]));
+                if (echo) this.unconfirmed.clear();
                 if (echo || performance.now() > this.awaiting.until) this.awaiting = null;
                 else stale = true;
             }
@@ -133,6 +135,7 @@
                 if (stale && concept.shown !== undefined) return;
                 if (concept.shown !== undefined && sameRegion(spec.region || null, concept.shown)) return;
                 concept.shown = spec.region || null;
+                this.unconfirmed.delete(index);   // the job's region replaces what was drawn here
                 const region = spec.region || {};
                 // Until it is edited, the editor hands back the job's own region (an uploaded
                 // mask stays byte-identical instead of being re-encoded at canvas size).
@@ -167,9 +170,10 @@
 
         // ---- editor -> Python ---------------------------------------------------------------
 
-        // `edited`: the concepts this edit changed (all when not given). Python sets only their
-        // region controls, so a concept whose control was just changed elsewhere (a job still
-        // on its way here) is never set back from what the canvas shows of it.
+        // `edited`: the concepts this edit changed (all when not given). Python sets only the
+        // region controls of these and of earlier edits not echoed yet (gradio 4 drops all but
+        // the last of events that pile up), so a concept whose control was just changed
+        // elsewhere (a job still on its way here) is never set back from what the canvas shows.
         exportRegions(edited) {
             const regions = this.concepts.map((concept) => {
                 const untouched = concept.source !== undefined && concept.layer.version === concept.sourceVersion;
@@ -177,7 +181,8 @@
                 concept.shown = region;
                 return region;
             });
-            edited = edited || regions.map((_, index) => index);
+            for (const index of edited || regions.keys()) this.unconfirmed.add(index);
+            edited = [...this.unconfirmed].filter((index) => index < regions.length).sort((a, b) => a - b);
             this.awaiting = {regions, edited, until: performance.now() + ECHO_TIMEOUT_MS};
             const z = new Array(this.concepts.length).fill(0);
             this.order.forEach((index, position) => { z[index] = position; });

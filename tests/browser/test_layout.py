@@ -92,3 +92,24 @@ def test_a_canvas_edit_names_the_concept_it_changed(page, panel_app):
     page.locator(f'{PANEL} [data-concept="0"] button[title="Bring forward"]').click()   # the order only
     page.wait_for_function("JSON.parse(document.querySelector('#multi_concept_canvas_data textarea').value)"
                            ".edited.length === 0")
+
+
+def test_canvas_edits_that_pile_up_all_reach_python(page, panel_app):
+    """Three edits sent at once: gradio 4 runs the first and then only the last of the rest;
+    the last must carry the second's concept too."""
+    page.evaluate("""() => {
+        const editor = window.MultiConcept.editor;
+        const [w, h] = editor.layerSize();
+        const draw = (index, x, y, rw, rh) => {
+            editor.setActive(index, false);
+            editor.remember();
+            editor.concepts[index].layer.clear();
+            editor.concepts[index].layer.fillRect(x * w, y * h, rw * w, rh * h, false);
+            editor.exportRegions([index]);
+        };
+        draw(0, 0.1, 0.1, 0.2, 0.2);
+        draw(1, 0.6, 0.2, 0.3, 0.5);
+        draw(0, 0.1, 0.5, 0.25, 0.25);
+    }""")
+    wait_for_job(page, "Math.abs(job.concepts[0].region.y - 0.5) < 0.02 && Math.abs(job.concepts[1].region.x - 0.6) < 0.02"
+                       " && Math.abs(job.concepts[1].region.h - 0.5) < 0.02")

@@ -1,16 +1,22 @@
 """Cost of two-stage multi-concept sampling against a plain generation, measured in one run.
 
-    python tests/benchmark.py [--steps 20] [--size 256] [--channels 64] [--device auto]
+    python tests/benchmark.py [--steps 20] [--size 256] [--channels 64] [--device auto] [--threads 1]
 
 For plain and for 1, 2 and 4 concepts (same UNet, steps, seed, Euler a) it prints UNet
 sample-evaluations per image, their ratio to plain, the wall-time ratio to plain, the peak
 memory above the model, and what the naive way (stage 1 + every branch separately, every
-step, as OMG's official code does) would evaluate.
+step, as OMG's official code does) would evaluate. Then the memory one more row adds to a
+UNet call, measured and as lib_mc/memory.py estimates it, and from both the peak of 4
+concepts at SDXL 1024x1024, batch 2, and the rows per call a 12 GB card holds.
+
+torch runs one thread unless --threads says otherwise, and the load average is printed at the
+start and the end: time ratios on a CPU shared with other work are only as good as that load.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -25,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib_mc.engine import MultiConceptSession  # noqa: E402
 from lib_mc.lora import load_network  # noqa: E402
+from lib_mc.memory import GIB, UNetShape, estimate_bytes_per_row, rows_that_fit  # noqa: E402
 from lib_mc.plan import build_plan  # noqa: E402
 from tinyhost import CFGHost, TinyLDM, count_unet_rows, random_context, write_lora  # noqa: E402
 
@@ -65,6 +72,61 @@ class PeakMemory:
         while self.running:
             self.peak = max(self.peak, self._rss())
             time.sleep(0.01)
+
+
+def return_freed_memory_to_the_os():
+    """Sampled RSS only sees a peak if freed blocks leave the process: glibc keeps freed heap for
+    reuse, so a second run's peak would read as ~0. A fixed mmap threshold (64 KiB) maps every
+    tensor of that size on its own and unmaps it on free."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        print("(not glibc: CPU peak memory figures may read low)")
+
+
+def row_bytes(unet, batches: tuple[int, int], latent_hw, context_dim: int, device) -> float:
+    """Peak memory one more batch row adds to a UNet call: (peak(b2) - peak(b1)) / (b2 - b1)."""
+    peaks = []
+    for rows in batches:
+        x = torch.randn((rows, 4) + latent_hw, device=device)
+        t = torch.full((rows,), 500.0, device=device)
+        context = torch.randn(rows, 77, context_dim, device=device)
+        with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=device.type == "cuda"):
+            unet(x, t, context=context)   # warm-up: first-call allocations are not per row
+            with PeakMemory(device) as memory:
+                unet(x, t, context=context)
+        peaks.append(memory.peak - memory.start)
+        del x, t, context
+    return (peaks[1] - peaks[0]) / (batches[1] - batches[0])
+
+
+# what the 12 GB card holds besides the UNet's activations: fp16 weights (parameter counts of the
+# SDXL base checkpoint), kept on the card as A1111 does without --medvram
+SDXL_UNET_BYTES = 2_567_000_000 * 2       # 2.57 B parameters
+SDXL_TEXT_VAE_BYTES = (123_000_000 + 695_000_000 + 84_000_000) * 2   # CLIP ViT-L, OpenCLIP bigG, VAE
+CUDA_CONTEXT_BYTES = GIB // 2
+CARD_BYTES = 12 * GIB
+
+
+def print_memory(measured: float, estimated: int, label: str):
+    mib = 2 ** 20
+    ratio = measured / estimated
+    print(f"\nmemory per UNet row, {label}: measured {measured / mib:.1f} MiB, "
+          f"lib_mc/memory.py estimates {estimated / mib:.1f} MiB: measured/estimated {ratio:.2f}")
+    rows = 2 + 4 + 4 * 4
+    per_row = estimate_bytes_per_row("sdxl", (128, 128), 2) * max(1.0, ratio)
+    fixed = SDXL_UNET_BYTES + SDXL_TEXT_VAE_BYTES + CUDA_CONTEXT_BYTES
+    peak = fixed + rows * per_row + GIB
+    fit = rows_that_fit(CARD_BYTES - fixed, round(per_row))
+    print(f"4 concepts, SDXL 1024x1024, batch 2: {rows} rows per call (layout 2 + base 4 + 4 concepts x 4)")
+    print(f"  assumed: fp16 weights and activations, attention via SDP (no n x n scores), A1111 keeping "
+          f"the text encoders and VAE on the card")
+    print(f"  per row {per_row / mib:.0f} MiB (the estimate, x the measured/estimated above when > 1); "
+          f"{rows} rows {rows * per_row / GIB:.2f} GiB")
+    print(f"  + UNet weights {SDXL_UNET_BYTES / GIB:.2f} GiB + text encoders and VAE {SDXL_TEXT_VAE_BYTES / GIB:.2f} GiB"
+          f" + CUDA context {CUDA_CONTEXT_BYTES / GIB:.1f} GiB + reserve 1.0 GiB = peak {peak / GIB:.1f} GiB")
+    print(f"  a 12 GB card ({CARD_BYTES / GIB:.0f} GiB) holds {fit} rows per call: "
+          f"{'the 22 rows fit in one call' if fit >= rows else f'{-(-rows // max(fit, 1))} calls per step'}")
 
 
 def sdp_attention_forward(self, x, context=None, mask=None, **kwargs):
@@ -122,11 +184,20 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--host-attention", choices=["sdp", "ldm"], default="sdp",
                         help="the host's attention: A1111's sdp optimisation (default) or ldm's own einsum")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1, so other work on the machine skews plain and "
+                             "two-stage alike)")
+    parser.add_argument("--row-batches", default="4,12",
+                        help="memory per UNet row from the peaks of calls of these two batch sizes; '' skips")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()
     if args.sd15:
         args.size, args.channels, args.context_dim = 512, 320, 768
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu":
+        return_freed_memory_to_the_os()
     if args.host_attention == "sdp":
         from ldm.modules.attention import CrossAttention
         CrossAttention.forward = sdp_attention_forward
@@ -196,6 +267,8 @@ def main():
           f"host attention {args.host_attention}, UNet model_channels {args.channels} context {args.context_dim}, "
           f"{args.size}x{args.size}, "
           f"{args.steps} steps Euler a, CFG, blending from step {start_step}, batch 1")
+    print(f"torch threads {torch.get_num_threads()} of {os.cpu_count()} CPUs; load average (1 min) "
+          f"{load_at_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
     print(f"{'run':<12}{'UNet evals':>11}{'x plain':>9}{'time x plain':>14}{'peak MB':>9}"
           f"{'naive evals':>13}{'naive x':>9}")
     for label, evals, ratio, peak in results:
@@ -203,6 +276,14 @@ def main():
         naive = plain_evals + args.steps * (2 + 2 + 2 * n) if n else plain_evals
         print(f"{label:<12}{evals:>11}{evals / plain_evals:>9.2f}{ratio:>14.2f}{peak:>9.1f}"
               f"{naive:>13}{naive / plain_evals:>9.2f}")
+
+    if args.row_batches.strip():
+        batches = tuple(int(b) for b in args.row_batches.split(","))
+        measured = row_bytes(unet, batches, latent_hw, args.context_dim, device)
+        shape = UNetShape(args.channels, (1, 2, 4, 4), 2, (1, 1, 1, 0))   # build_unet's levels
+        estimated = estimate_bytes_per_row(shape, latent_hw, 2 if device.type == "cuda" else 4)
+        print_memory(measured, estimated, f"{args.size}x{args.size} (calls of {batches[0]} and {batches[1]} rows, "
+                                          f"{'fp16 autocast' if device.type == 'cuda' else 'float32'})")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from ..engine import MultiConceptSession
 from ..patcher import PatchSet
 from ..prepare import LoraFile
 from . import webui
-from .cfg_calls import CondRows, unpack_cond
+from .a1111_controlnet import UnitRows, find_units, mark, unmark
+from .cfg_calls import CondRows, context_key, unpack_cond
+from .row_sources import call_rows
 
 lora_names = webui.lora_names
 refresh_lora_names = webui.refresh_lora_names
@@ -85,7 +87,7 @@ def process_before_every_sampling(p, **kwargs) -> None:
             state.error = exc
     cfg = p.sampler.model_wrap_cfg
     counter = webui.StepCount(cfg, p)
-    webui.wrap_sampler(p, state, counter, routing=_routing(cfg, state, counter))
+    webui.wrap_sampler(p, state, counter, routing=_routing(p, cfg, state, counter))
 
 
 def _route_hires(p, state: webui.JobState, x) -> None:
@@ -99,12 +101,16 @@ def _route_hires(p, state: webui.JobState, x) -> None:
         return
     cfg = p.sampler.model_wrap_cfg
     counter = webui.StepCount(cfg, p)
-    webui.wrap_hires_sampler(p, state, routing=_routing(cfg, state, counter))
+    webui.wrap_hires_sampler(p, state, routing=_routing(p, cfg, state, counter))
 
 
-def _routing(cfg, state: webui.JobState, counter: webui.StepCount) -> PatchSet:
-    """Every inner-model call of this batch's CFG denoiser goes through the engine session."""
+def _routing(p, cfg, state: webui.JobState, counter: webui.StepCount) -> PatchSet:
+    """Every inner-model call of this batch's CFG denoiser goes through the engine session.
+    Each UNet call the engine makes is given what sd-webui-controlnet expects of it (see
+    `a1111_controlnet`): its rows marked cond/uncond when the host's were, and the units' hints
+    and image embeddings of the host row each row stands for."""
     rows = CondRows()
+    units = UnitRows(find_units(p))
 
     def cfg_forward(original_forward):
         def forward(x_, sigma, *args, **kwargs):
@@ -116,8 +122,17 @@ def _routing(cfg, state: webui.JobState, counter: webui.StepCount) -> PatchSet:
         def forward(x_in, sigma_in, **kwargs):
             plain, pack = unpack_cond(kwargs.pop("cond"))
             images = rows.take(x_in.shape[0])
-            return state.session.denoise(lambda xx, ss, cc: original_forward(xx, ss, cond=pack(cc), **kwargs),
-                                         x_in, sigma_in, plain, n_cond=len(images.cond), step=counter.step,
+            key = context_key(plain)
+            plain, marked = unmark(plain, key)
+            n_cond, host_rows = len(images.cond), x_in.shape[0]
+
+            def model_fn(xx, ss, cc):
+                flags, source = call_rows(state.session.run.call, n_cond, xx.shape[0])
+                if marked:
+                    cc = mark(cc, key, flags)
+                with units.picked(source, host_rows):
+                    return original_forward(xx, ss, cond=pack(cc), **kwargs)
+            return state.session.denoise(model_fn, x_in, sigma_in, plain, n_cond=n_cond, step=counter.step,
                                          total_steps=counter.total, images=images)
         return forward
 

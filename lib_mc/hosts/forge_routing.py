@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from ..engine import CallImages
+from .row_sources import COND, call_rows, pick_rows
 
-COND, UNCOND = 0, 1
 BLOCKS = ("input", "middle", "output")
 MAX_BLOCK, MAX_TRANSFORMER = 16, 16   # as Forge's set_model_replace_all
 
@@ -25,19 +25,6 @@ def engine_order(flags: list[int], chunk: int) -> torch.Tensor:
     """Forge's rows in engine order: the cond chunks, then the uncond chunks."""
     picked = [i for i, f in enumerate(flags) if f == COND] + [i for i, f in enumerate(flags) if f != COND]
     return torch.cat([torch.arange(i * chunk, (i + 1) * chunk) for i in picked])
-
-
-def call_rows(call, n_cond: int, rows: int) -> tuple[list[int], torch.Tensor]:
-    """For one UNet call the engine makes: a cond/uncond flag per row and, per row, the row of the
-    engine-ordered input it stands for (its ControlNet residual comes from there). `call` is the
-    engine's CallState, None when the call is the host's own batch (stage 1)."""
-    if call is None:
-        return [COND] * n_cond + [UNCOND] * (rows - n_cond), torch.arange(rows)
-    flags, source = [], []
-    for group in call.rows.groups:
-        flags += [COND] * group.n_cond + [UNCOND] * group.n_uncond
-        source += list(range(group.n_cond)) + list(range(n_cond, n_cond + group.n_uncond))
-    return flags, torch.tensor(source, dtype=torch.long)
 
 
 def call_options(options: dict, row_flags: list[int], chunk: int, sigmas: torch.Tensor) -> dict:
@@ -56,14 +43,7 @@ def call_options(options: dict, row_flags: list[int], chunk: int, sigmas: torch.
 def map_control(control: dict | None, rows: torch.Tensor, batch: int) -> dict | None:
     """ControlNet residuals (lists per block kind, batch = Forge's rows) for the given rows.
     Fresh lists: the UNet pops them."""
-    if control is None:
-        return None
-
-    def pick(t):
-        if t is None or not torch.is_tensor(t) or t.shape[0] != batch:
-            return t
-        return t[rows.to(t.device)]
-    return {kind: [pick(t) for t in residuals] for kind, residuals in control.items()}
+    return None if control is None else pick_rows(control, rows, batch)
 
 
 def make_unet_wrapper(session, step: Callable[[], int], total_steps: Callable[[], int]):

@@ -19,7 +19,7 @@ MAX_HEIGHT = 1400   # px, at a 1,400 px wide window, with two concepts: one scre
 def open_panel(page, timeout=30000):
     """Opens the accordion (if closed) and waits until the canvas has drawn the job's concepts."""
     if not page.locator(f"{PANEL} canvas.mc-canvas").is_visible():
-        page.locator(f"{PANEL} .label-wrap").first.click()
+        page.locator(f"{PANEL} .label-wrap").first.click(timeout=timeout)
     page.locator(f"{PANEL} canvas.mc-canvas").wait_for(state="visible", timeout=timeout)
     page.wait_for_function("window.MultiConcept && window.MultiConcept.editor.concepts.length > 0", timeout=timeout)
 

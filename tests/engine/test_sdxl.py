@@ -13,7 +13,7 @@ from lib_mc.hosts.forge_routing import install_attention, make_unet_wrapper
 from lib_mc.lora import load_network
 from lib_mc.plan import build_plan
 from planted import cells, covers, plant
-from tinyhost import count_unet_rows, make_unet, merged_copy, write_lora
+from tinyhost import count_unet_rows, make_unet, merged_copy, sample, write_lora
 from tinyxl import CrossAttention, TinyXL, XLCFGHost, make_xl_unet, write_xl_lora, xl_cond
 
 IMAGE = (128, 128)   # latent 16 x 16: SDXL's attention runs at 8 x 8 and 4 x 4
@@ -75,7 +75,6 @@ def predict(unet, x_in, sigma_in, cond, uncond, batch):
 
 
 def sample_xl(host, sampler="euler_a", steps=6, batch=1, seed=3):
-    from tinyhost import sample
     return sample(host, sampler, steps=steps, batch=batch, seed=seed)
 
 
@@ -184,8 +183,8 @@ def test_layout_replay_reaches_sgm_attention_modules(world):
 def test_automatic_regions_are_found_from_sgm_cross_attention():
     left, right = cells(0, 0, 16, 6), cells(0, 10, 16, 16)
     unet = plant(make_xl_unet(), [2, 5], [[left, right], [right, left]])
-    plan = build_plan([dict(name="a", cond=xl_cond(3), auto_tokens=[2]), dict(name="b", cond=xl_cond(4), auto_tokens=[5])],
-                      IMAGE, start_at=0.5)
+    plan = build_plan([dict(name="a", cond=xl_cond(3), auto_tokens=[2]),
+                       dict(name="b", cond=xl_cond(4), auto_tokens=[5])], IMAGE, start_at=0.5)
     host = XLCFGHost(TinyXL(unet), xl_cond(1), xl_cond(2))
     session = MultiConceptSession(unet, plan, context_key=CTX)
     host.route = session.denoise
@@ -313,3 +312,34 @@ def test_forge_routing_with_y_gives_the_a1111_result(world):
     assert torch.allclose(torch.cat([first_f[2:], first_f[:2]]), first_a, atol=1e-5)
     assert torch.allclose(torch.cat([second_f[2:], second_f[:2]]), second_a, atol=1e-5)
     assert (second_a - first_a).abs().max() > 1e-2
+
+
+def test_refinement_reads_sgm_decoder_self_attention():
+    """test_refine.py's planted subject on SDXL: the first decoder self-attention at latent / 4
+    (output_blocks.0.1's first attn1, an sgm CrossAttention) is where the masks are re-fitted."""
+    from test_refine import box, plant_self
+    subject, off = box(8, 16, 24, 28), box(10, 8, 26, 20)   # latent cells at 32 x 32
+    unet = plant_self(plant(make_xl_unet(), [2], [[off]]), subject)
+    image = (256, 256)
+    plan = build_plan([dict(name="auto", cond=xl_cond(3), auto_tokens=[2]),
+                       dict(name="drawn", cond=xl_cond(4), mask=box(0, 0, 256, 40, size=256))],
+                      image, start_at=0.34, refine_every=1, refine_until=0.7, refine_clusters=3)
+    # 3 segments: the subject, the drawn concept's strip, the rest (with the default 4, k-means
+    # splits this random tiny UNet's planted subject in two and refinement takes one part)
+    host = XLCFGHost(TinyXL(unet), xl_cond(1), xl_cond(2))
+    session = MultiConceptSession(unet, plan, context_key=CTX)
+    host.route = session.denoise
+    with session.stage1():
+        sample(host, "euler", steps=6, latent_hw=(32, 32))
+    before = session.find_regions()[0, 0].clone()
+    with session.stage2():
+        sample(host, "euler", steps=6, latent_hw=(32, 32))
+    after = plan.found_masks[0, 0]
+    target = torch.nn.functional.adaptive_avg_pool2d(subject[None, None], after.shape)[0, 0] >= 0.5
+
+    def iou(mask):
+        mask = torch.nn.functional.adaptive_avg_pool2d(mask[None, None].float(), after.shape)[0, 0] > 0.5
+        return float((mask & target).sum()) / float((mask | target).sum())
+    assert iou(after) > iou(before) and iou(after) >= 0.75
+    assert [label for label, _ in plan.mask_steps][-2:] == ["refined at step 3", "refined at step 4"]
+    assert unpatched(unet)

@@ -16,8 +16,9 @@ so the rows per call must follow the free memory. Activation memory grows linear
        - a decoder res block: 3 (c_l + c_(l+1)) n_l, the concatenated skip and upsampled input,
          its GroupNorm and its SiLU.
 
-Checked against measured peaks (tests/benchmark.py prints both; README "Cost"): an H100 in fp16
-(SD1.5 512x512: 63 MB estimated, 66-74 MB measured per row) and this project's 2-core CPU in fp32.
+Checked against measured peaks (tests/benchmark.py prints both; README "Cost"): SD1.5 512x512 in
+fp16 on an H100, 60 MiB estimated against 66-74 MiB per added row in README's table (whose rows
+also hold the engine's replay records); fp32 on a CPU, 1.00-1.09x (tests/unit/test_memory.py).
 Weights, the sampler's latents and the allocator's slack are not per row: `reserve_bytes`.
 """
 

@@ -69,12 +69,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, call: 
     return out
 
 
+def _given(value) -> bool:
+    """A keyword argument with a non-default value (a tensor counts, whatever it holds)."""
+    return value is not None and not (isinstance(value, (bool, int, float)) and not value)
+
+
 def make_attention_forward(module, original, run: RunState):
     def forward(x, context=None, mask=None, **kwargs):
         out = original(x, context=context, mask=mask, **kwargs)
         call = run.call
         # sgm passes extra kwargs (additional_tokens, crossframe); any non-default one: host's result as is
-        if call is None or mask is not None or any(v for v in kwargs.values()):
+        if call is None or mask is not None or any(_given(v) for v in kwargs.values()):
             return out
         cross = context is not None and context is not x
         n_tokens = x.shape[1]

@@ -343,3 +343,30 @@ def test_refinement_reads_sgm_decoder_self_attention():
     assert iou(after) > iou(before) and iou(after) >= 0.75
     assert [label for label, _ in plan.mask_steps][-2:] == ["refined at step 3", "refined at step 4"]
     assert unpatched(unet)
+
+
+def test_sgm_extra_keyword_arguments_go_to_the_hosts_attention_as_they_are():
+    """sgm's video models pass `additional_tokens` (a tensor) and a crossframe count; the engine
+    leaves such a call to the host's attention instead of failing on the tensor's truth value."""
+    from lib_mc.hooks.attention import make_attention_forward
+    from lib_mc.hooks.state import CallState, RunState
+    from lib_mc.rows import RowPlan
+    module = CrossAttention(query_dim=16, heads=2, dim_head=8)
+    x = torch.randn(2, 4, 16)
+    seen = []
+
+    def original(x_, context=None, mask=None, **kwargs):
+        seen.append(kwargs)
+        return x_ * 2
+    run = RunState()
+    rows = RowPlan()
+    rows.add("layout", 1, 0)
+    rows.add("base", 1, 0)
+    run.call = CallState(rows, replay_cross=True, replay_self_max_tokens=64)
+    forward = make_attention_forward(module, original, run)
+    extra = torch.zeros(2, 1, 16)
+    assert torch.equal(forward(x, additional_tokens=extra), x * 2)
+    assert seen[-1]["additional_tokens"] is extra
+    replayed = forward(x, additional_tokens=None, n_times_crossframe_attn_in_self=0)
+    # defaults: the engine acts (self-attention replay of 4 tokens recomputes the base row)
+    assert torch.equal(replayed[0], x[0] * 2) and not torch.allclose(replayed[1], x[1] * 2)

@@ -16,7 +16,9 @@ import requests
 
 from test_txt2img_api import pixels, two_concepts, txt2img, with_job
 
-SMALL = {"width": 128, "height": 128, "steps": 4}
+# small enough for a CPU soak; MC_SOAK_SIZE=128 for larger images
+SIZE_PX = int(os.environ.get("MC_SOAK_SIZE", "64"))
+SMALL = {"width": SIZE_PX, "height": SIZE_PX, "steps": 3}
 SAMPLERS = ["DPM++ 2M", "DPM++ SDE", "Heun", "DDIM", "UniPC", "LMS", "DPM2 a", "Euler"]
 LONG_NEGATIVE = ", ".join(["blurry, lowres, bad anatomy, jpeg artifacts, watermark"] * 12)   # > 75 tokens
 

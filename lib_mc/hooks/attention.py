@@ -18,6 +18,7 @@ so no key mask is needed.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -86,17 +87,32 @@ def make_attention_forward(module, original, run: RunState):
         base = call.rows.find("base")
         if base is not None and _wants_capture(call, cross, n_tokens, module in run.decoder_self_attention):
             rows = x[base.cond_rows]
-            _capture(module.to_q(rows), module.to_k(rows), module.heads, call)
+            with _no_call(run):
+                q, k = module.to_q(rows), module.to_k(rows)
+            _capture(q, k, module.heads, call)
         if _replays(call, cross, n_tokens):
             layout, base_cond = call.replay_pair
             if cross:
                 out[base_cond] = out[layout]
             else:
                 mine = x[layout]
-                replayed = _self_replay(module.to_q(mine), module.to_k(mine), module.to_v(x[base_cond]), module.heads)
-                out[base_cond] = module.to_out(replayed)
+                with _no_call(run):
+                    replayed = module.to_out(_self_replay(module.to_q(mine), module.to_k(mine), module.to_v(x[base_cond]),
+                                                          module.heads))
+                out[base_cond] = replayed
         return out
     return forward
+
+
+@contextlib.contextmanager
+def _no_call(run: RunState):
+    """Layers run on a few rows of the call (layout or base rows, which carry no LoRA): the
+    per-row LoRA hooks, which slice by the whole call's rows, must pass through."""
+    call, run.call = run.call, None
+    try:
+        yield
+    finally:
+        run.call = call
 
 
 @torch.no_grad()

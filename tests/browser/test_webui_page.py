@@ -17,7 +17,7 @@ import pathlib
 import pytest
 
 from panel_page import (MAX_HEIGHT, PANEL, edit_every_kind_of_control, job_in_page, open_panel, panel_height,
-                        show_tab, wait_for_job)
+                        show_tab, wait_for_job, wait_until)
 
 ADDRESS_VARIABLE = "MULTI_CONCEPT_WEBUI_PAGE"
 CONFIG_VARIABLE = "MULTI_CONCEPT_WEBUI_UI_CONFIG"
@@ -153,10 +153,9 @@ def test_saved_ui_defaults_come_back_into_the_options_and_never_into_the_concept
         box.press("Enter")
         wait_for_job(webui, "job.start_at === 0.55")
         webui.locator("#ui_defaults_apply").dispatch_event("click")
-        webui.wait_for_function("() => /Wrote/.test(document.querySelector('#ui_defaults_review').textContent)",
-                                timeout=30000)
-        written = json.loads(pathlib.Path(path).read_text(encoding="utf8"))
-        assert written["txt2img/Start blending at/value"] == 0.55
+        written = lambda: json.loads(pathlib.Path(path).read_text(encoding="utf8"))  # noqa: E731
+        wait_until(webui, lambda: written().get("txt2img/Start blending at/value") == 0.55,
+                   "Settings -> Defaults -> Apply wrote the option", timeout_ms=60000)
         reload_ui(webui, address)
         job = assert_page_shows_the_job(webui)
         assert job["start_at"] == 0.55 and not any(c["prompt"] for c in job["concepts"])

@@ -52,7 +52,8 @@ def job_kinds(loras):
 
     def hires(n):
         return {**SMALL, "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.5,
-                "hr_second_pass_steps": 2, **with_job(two_concepts(loras))}, "hires"
+                "hr_second_pass_steps": 2, "hr_additional_modules": ["Use same choices"],   # Forge's API needs it
+                **with_job(two_concepts(loras))}, "hires"
 
     def batch(n):
         return {**SMALL, "batch_size": 2, **with_job(two_concepts(loras))}, "batch 2"

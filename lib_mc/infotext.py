@@ -20,7 +20,7 @@ _DEFAULTS = Job()
 def job_to_infotext(job: Job) -> str:
     data = job.to_dict()
     for key in ("mode", "start_at", "layout_replay", "self_attn_replay_until", "feather", "save_layout",
-                "refine_regions", "auto_grow"):
+                "refine_regions", "auto_grow", "hires_loras"):
         if data[key] == getattr(_DEFAULTS, key):
             del data[key]
     del data["enabled"]   # present in the infotext = it was on

@@ -18,6 +18,9 @@ def test_infotext_is_compact_and_pastes_back_to_the_same_job():
     text = job_to_infotext(job)
     assert len(text) < 800 and "layout_replay" not in text and '"start_at":0.45' in text
     assert "auto_grow" not in text and '"auto_grow":12' in job_to_infotext(parse_job({**job.to_dict(), "auto_grow": 12}))
+    assert "hires_loras" not in text
+    off = job_to_infotext(parse_job({**job.to_dict(), "hires_loras": False}))
+    assert '"hires_loras":false' in off and not infotext_to_job(off).hires_loras
     back = infotext_to_job(text)
     assert back.enabled and back.start_at == 0.45
     assert back.concepts[0] == job.concepts[0]

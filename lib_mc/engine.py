@@ -165,24 +165,24 @@ class MultiConceptSession:
             raise EngineError("stage 2 needs a stage-1 run first")
         if self.recorder is not None and self.plan.image_regions is None:
             self.find_regions()   # a host may have found (and refined) them already
-        self.phase = "blend"
         self._refined_steps.clear()
-        self.patches.apply()
-        try:
+        with self._patched("blend"):
             yield self
-        finally:
-            self.run.call = None
-            self.patches.remove()
-            self.phase = None
 
     @contextlib.contextmanager
     def single_pass(self):
         """One pass, every concept's branch blended under its region from the first step, no
         layout pass to follow (the hires fix's second pass, with `plan.at_size`)."""
-        self.phase = "single"
+        with self._patched("single"):
+            yield self
+
+    @contextlib.contextmanager
+    def _patched(self, phase: str):
+        """The LoRA and attention patches on for this phase; off again whatever happens."""
+        self.phase = phase
         self.patches.apply()
         try:
-            yield self
+            yield
         finally:
             self.run.call = None
             self.patches.remove()

@@ -80,9 +80,7 @@ def process_before_every_sampling(p, **kwargs) -> None:
         return
     if state.error is None and state.prepared is not None:
         try:
-            state.session = MultiConceptSession(
-                p.sd_model.model.diffusion_model, state.prepared.plan,
-                context_key="crossattn" if getattr(p.sd_model, "is_sdxl", False) else "c_crossattn")
+            state.session = _session(p, state.prepared.plan)
         except Exception as exc:   # raised from the sampler call, where the WebUI shows it
             state.error = exc
     cfg = p.sampler.model_wrap_cfg
@@ -90,12 +88,16 @@ def process_before_every_sampling(p, **kwargs) -> None:
     webui.wrap_sampler(p, state, counter, routing=_routing(p, cfg, state, counter))
 
 
+def _session(p, plan) -> MultiConceptSession:
+    """An engine session on this model's UNet (SDXL's context is the condition `crossattn`)."""
+    return MultiConceptSession(p.sd_model.model.diffusion_model, plan,
+                               context_key="crossattn" if getattr(p.sd_model, "is_sdxl", False) else "c_crossattn")
+
+
 def _route_hires(p, state: webui.JobState, x) -> None:
     """The hires pass: one pass with the concepts' branches under their upscaled regions."""
     try:
-        state.session = MultiConceptSession(
-            p.sd_model.model.diffusion_model, webui.hires_plan(p, state, x),
-            context_key="crossattn" if getattr(p.sd_model, "is_sdxl", False) else "c_crossattn")
+        state.session = _session(p, webui.hires_plan(p, state, x))
     except Exception as exc:   # a plain hires pass, said in the infotext
         webui.hires_failed(p, state, exc)
         return

@@ -136,8 +136,7 @@ def process(p, job_arg) -> None:
         check_sampler(getattr(p, "sampler_name", None))
         check_refiner(p)
         prompts = p.prompt if isinstance(p.prompt, list) else [p.prompt or ""]   # Prompt Matrix: a list
-        if any(re.search(r"\bAND\b", text or "") for text in prompts):
-            raise JobError("prompt", "AND (composable prompts) cannot be combined with Multi-Concept")
+        refuse_and(prompts)
         p._multi_concept = JobState(job)
         p.extra_generation_params[INFOTEXT_KEY] = ImageInfotext(p._multi_concept)
     except MultiConceptError as exc:
@@ -152,8 +151,7 @@ def process_batch(p, services, unet) -> None:
     state.session = state.routed_sampler = None
     try:
         check_model_family(p.sd_model)
-        if any(re.search(r"\bAND\b", text or "") for text in p.prompts):   # wildcards may bring one
-            raise JobError("prompt", "AND (composable prompts) cannot be combined with Multi-Concept")
+        refuse_and(p.prompts)   # wildcards may bring one into a batch's prompts
         state.prepared = prepare(
             state.job, base_prompt=p.prompts[0], base_prompts=list(p.prompts), base_negative=p.negative_prompts[0],
             image_hw=image_hw(p), unet=unet, services=services, networks_cache=state.networks)
@@ -165,6 +163,11 @@ def process_batch(p, services, unet) -> None:
     except MultiConceptError as exc:
         state.error = exc
         print(f"[Multi-Concept] {exc}")
+
+
+def refuse_and(prompts) -> None:
+    if any(re.search(r"\bAND\b", text or "") for text in prompts):
+        raise JobError("prompt", "AND (composable prompts) cannot be combined with Multi-Concept")
 
 
 def image_hw(p) -> tuple[int, int]:

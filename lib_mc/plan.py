@@ -35,6 +35,7 @@ class Concept:
     auto_group: int = -1               # automatic concepts with the same group share those tokens
     auto_hint: str = ""                # which part of a shared word's area: "left", "right", "largest"
     auto_box: tuple[float, float, float, float] | None = None   # the subject is inside (x, y, w, h), fractions
+    class_tokens: list[int] | None = None   # base-prompt positions of its class word (regional re-initialisation)
 
 
 @dataclass
@@ -49,6 +50,10 @@ class Options:
     refine_until: float = 0.7          # ... from the start step until this fraction of steps
     refine_clusters: int = 0           # k-means segments (0: concepts + 2)
     auto_grow: float = 0.0             # found masks grow (> 0) or shrink by this many image pixels
+    # regional mode only
+    isolation: bool = True             # self-attention: a concept's queries skip other concepts' keys
+    isolation_until: float = 1.0       # ... during this fraction of steps
+    reinit: bool = False               # re-initialise each drawn concept's noise from a probe at the first step
 
 
 @dataclass
@@ -103,7 +108,7 @@ class Plan:
         as found for each image, feather scaled, no layout replay or refinement."""
         hw = (int(image_size[0]), int(image_size[1]))
         scale = hw[0] / self.image_size[0]
-        options = replace(self.options, start_at=0.0, layout_replay=False, refine_every=0,
+        options = replace(self.options, start_at=0.0, layout_replay=False, refine_every=0, reinit=False,
                           feather=self.options.feather * scale)
         masks = [c.mask if c.mask is not None else torch.ones(hw) for c in self.concepts]
         plan = Plan(list(self.concepts), hw, options,
@@ -203,7 +208,16 @@ def _concept(item: Any, i: int) -> Concept:
         auto_group=int(item.get("auto_group", i)),
         auto_hint=str(item.get("auto_hint") or ""),
         auto_box=_box(item.get("auto_box"), f"{name}.auto_box"),
+        class_tokens=_positions(item.get("class_tokens"), f"{name}.class_tokens"),
     )
+
+
+def _positions(value: Any, name: str) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Sequence) or not value or not all(isinstance(t, int) and t >= 0 for t in value):
+        raise PlanError(name, f"must be a non-empty list of token positions, got {value!r}")
+    return list(value)
 
 
 def _box(value: Any, name: str) -> tuple[float, float, float, float] | None:
@@ -232,6 +246,10 @@ def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: An
     opts.auto_from = _number(opts.auto_from, "auto_from", 0.0, 1.0)
     opts.refine_until = _number(opts.refine_until, "refine_until", 0.0, 1.0)
     opts.auto_grow = _number(opts.auto_grow, "auto_grow")
+    opts.isolation_until = _number(opts.isolation_until, "isolation_until (regional mode)", 0.0, 1.0)
+    for name in ("isolation", "reinit"):
+        if not isinstance(getattr(opts, name), bool):
+            raise PlanError(f"{name} (regional mode)", f"must be true or false, got {getattr(opts, name)!r}")
     for name in ("refine_every", "refine_clusters"):
         value = getattr(opts, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

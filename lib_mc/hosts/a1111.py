@@ -14,7 +14,7 @@ import torch
 from modules import devices, prompt_parser
 
 from ..auto.tokens import find_word
-from ..engine import MultiConceptSession
+from ..engine import SessionBase, make_session
 from ..patcher import PatchSet
 from ..prepare import LoraFile
 from . import webui
@@ -88,10 +88,10 @@ def process_before_every_sampling(p, **kwargs) -> None:
     webui.wrap_sampler(p, state, counter, routing=_routing(p, cfg, state, counter))
 
 
-def _session(p, plan) -> MultiConceptSession:
-    """An engine session on this model's UNet (SDXL's context is the condition `crossattn`)."""
-    return MultiConceptSession(p.sd_model.model.diffusion_model, plan,
-                               context_key="crossattn" if getattr(p.sd_model, "is_sdxl", False) else "c_crossattn")
+def _session(p, plan) -> SessionBase:
+    """The job's method on this model's UNet (SDXL's context is the condition `crossattn`)."""
+    return make_session(webui.state_of(p).job.mode, p.sd_model.model.diffusion_model, plan,
+                        context_key="crossattn" if getattr(p.sd_model, "is_sdxl", False) else "c_crossattn")
 
 
 def _route_hires(p, state: webui.JobState, x) -> None:

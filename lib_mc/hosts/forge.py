@@ -24,7 +24,7 @@ from backend.utils import load_torch_file
 from modules import prompt_parser
 
 from ..auto.tokens import find_word
-from ..engine import MultiConceptSession
+from ..engine import make_session
 from ..errors import EngineError
 from ..prepare import LoraFile
 from . import webui
@@ -123,8 +123,8 @@ def _routed_unet(unet, state: webui.JobState, counter: webui.StepCount, plan=Non
     if "model_function_wrapper" in unet.model_options:
         raise EngineError("another extension wraps Forge's UNet call (model_function_wrapper, e.g. "
                           "MultiDiffusion); Multi-Concept cannot run together with it: disable one of them")
-    state.session = MultiConceptSession(unet.model.diffusion_model, plan or state.prepared.plan,
-                                        context_key="c_crossattn", attention_on_modules=False)
+    state.session = make_session(state.job.mode, unet.model.diffusion_model, plan or state.prepared.plan,
+                                 context_key="c_crossattn", attention_on_modules=False)
     routed = unet.clone()
     routed._multi_concept_base = unet
     install_attention(routed, state.session, attention_function)

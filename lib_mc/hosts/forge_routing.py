@@ -77,10 +77,11 @@ def make_unet_wrapper(session, step: Callable[[], int], total_steps: Callable[[]
     return wrapper
 
 
-def make_attention_replace(session, *, cross: bool, decoder: bool, host_attention, previous=None):
+def make_attention_replace(session, *, cross: bool, decoder: bool, host_attention, previous=None, module=None):
     """An attention replace patch `fn(q, k, v, extra_options)`: the engine's attention, with the
     pass-through going to the patch that was there before (another extension's) or Forge's own
-    attention function `host_attention(q, k, v, heads)`."""
+    attention function `host_attention(q, k, v, heads)`. `module`: the attention module of this
+    block (a method that projects another context through its to_k / to_v needs it)."""
     def replace(q, k, v, extra_options):
         heads = extra_options["n_heads"]
         if previous is not None:
@@ -89,8 +90,25 @@ def make_attention_replace(session, *, cross: bool, decoder: bool, host_attentio
         else:
             def host(q_, k_, v_):
                 return host_attention(q_, k_, v_, heads)
-        return session.attention(q, k, v, heads, cross=cross, decoder=decoder, host=host)
+        return session.attention(q, k, v, heads, cross=cross, decoder=decoder, host=host, module=module)
     return replace
+
+
+def attention_module(unet, block: str, number: int, index: int, name: str):
+    """The attn1 / attn2 module of transformer `index` in UNet block (block, number), as Forge
+    keys its replace patches; None where there is none."""
+    if block == "middle" and number:
+        return None
+    try:
+        container = {"input": lambda: unet.input_blocks[number], "middle": lambda: unet.middle_block,
+                     "output": lambda: unet.output_blocks[number]}[block]()
+    except (IndexError, AttributeError):
+        return None
+    for child in container.modules():
+        blocks = getattr(child, "transformer_blocks", None)
+        if blocks is not None:
+            return getattr(blocks[index], name, None) if index < len(blocks) else None
+    return None
 
 
 def install_attention(patcher, session, host_attention) -> None:
@@ -103,6 +121,7 @@ def install_attention(patcher, session, host_attention) -> None:
             for number in range(MAX_BLOCK):
                 for index in range(MAX_TRANSFORMER):
                     previous = before.get((block, number, index)) or before.get((block, number))
+                    module = attention_module(session.unet, block, number, index, name)
                     patch = make_attention_replace(session, cross=cross, decoder=block == "output",
-                                                   host_attention=host_attention, previous=previous)
+                                                   host_attention=host_attention, previous=previous, module=module)
                     patcher.set_model_patch_replace(patch, name, block, number, index)

@@ -13,8 +13,8 @@ def call_rows(call, n_cond: int, rows: int) -> tuple[list[int], torch.Tensor]:
     """For one UNet call the engine makes: a cond/uncond flag per row and, per row, the row of
     the host's call ([cond rows, uncond rows]) it stands for: a layout, base or concept cond row
     stands for its image's cond row, an uncond row for its image's uncond row. `call` is the
-    engine's CallState, None when the call is the host's own rows (stage 1)."""
-    if call is None:
+    engine's CallState, None (stage 1) or a call on the host's own rows (regional mode)."""
+    if call is None or getattr(call, "host_rows", False):
         return [COND] * n_cond + [UNCOND] * (rows - n_cond), torch.arange(rows)
     flags, source = [], []
     for group in call.rows.groups:

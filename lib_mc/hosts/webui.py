@@ -28,7 +28,7 @@ import torch
 from modules import devices, rng, shared
 from modules import extra_networks as host_extra_networks
 
-from ..engine import MultiConceptSession
+from ..engine import HostPass, SessionBase
 from ..errors import EngineError, MultiConceptError
 from ..infotext import KEY as INFOTEXT_KEY, ImageInfotext
 from ..job import Job, JobError, parse_job
@@ -51,7 +51,7 @@ class JobState:
     networks: dict[str, Network] = field(default_factory=dict)
     layouts: list[tuple[torch.Tensor, object]] = field(default_factory=list)   # (stage-1 latents, plan)
     found: dict[int, dict[int, str]] = field(default_factory=dict)   # image index -> concept -> found mask PNG
-    session: MultiConceptSession | None = None   # this batch's engine session
+    session: SessionBase | None = None           # this batch's engine session (the job's method)
     routed_sampler: object = None                # the sampler whose sample() this batch wrapped
 
 
@@ -308,22 +308,29 @@ def wrap_sampler(p, state: JobState, counter: StepCount, routing=None) -> None:
 
 
 def _two_stages(p, state: JobState, counter: StepCount, x: torch.Tensor, sample_once: Callable):
-    session = state.session
-    initial = x.clone()
+    """This batch sampled by the job's method (`session.sample`), given what it needs of the host."""
     counter.stage1_calls = None
-    with session.stage1():
-        first = sample_once(x)
-    if shared.state.interrupted or shared.state.skipped:
-        return first
-    counter.stage1_calls = counter.step or None
-    state.layouts.append((first.detach().to(devices.cpu), state.prepared.plan))
-    again = _replay_noise(p, initial)
-    if session.recorder is not None:
-        _find_regions(p, state, first)
-    with session.stage2():
-        result = sample_once(again)
+
+    def layout_done(first):
+        counter.stage1_calls = counter.step or None
+        state.layouts.append((first.detach().to(devices.cpu), state.prepared.plan))
+
+    cfg = getattr(p.sampler, "model_wrap_cfg", None)
+    initial = x.clone()
+    host = HostPass(sample=sample_once, initial=x, replay_noise=lambda: _replay_noise(p, initial),
+                    interrupted=lambda: bool(shared.state.interrupted or shared.state.skipped),
+                    find_regions=lambda latents: _find_regions(p, state, latents), layout_done=layout_done,
+                    to_x0=_x0_of(cfg))
+    result = state.session.sample(host)
     _remember_found(p, state)
     return result
+
+
+def _x0_of(cfg):
+    """The CFG denoiser's x0 from its inner model's output (A1111's timestep samplers predict
+    eps; the k-diffusion ones x0 already): its `get_pred_x0(x_in, x_out, sigma)`."""
+    get = getattr(cfg, "get_pred_x0", None)
+    return None if get is None else (lambda x_, out, sigma: get(x_, out, sigma))
 
 
 def _replay_noise(p, initial: torch.Tensor) -> torch.Tensor:

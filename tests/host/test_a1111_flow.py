@@ -48,7 +48,7 @@ def drawn_plan(world, start_at=0.5, **options):
 
 
 def generate(world, plan=None, sampler="Euler a", batch=2, steps=4, seed=3, split=False, long_negative=False,
-             s_min_uncond=0.0, between_stages=None):
+             s_min_uncond=0.0, between_stages=None, mode="blend"):
     """One txt2img batch as A1111 runs it: process_before_every_sampling, then sampler.sample.
     plan None: a plain generation. Returns (image latents, session)."""
     shared.opts.batch_cond_uncond = not split
@@ -57,7 +57,7 @@ def generate(world, plan=None, sampler="Euler a", batch=2, steps=4, seed=3, spli
     p.sampler = A1111Sampler(sampler, world["ldm"], shared.opts)
     state = None
     if plan is not None:
-        state = webui.JobState(job=SimpleNamespace(save_layout=False))
+        state = webui.JobState(job=SimpleNamespace(save_layout=False, mode=mode))
         state.prepared = SimpleNamespace(plan=plan, warnings=[])
         p._multi_concept = state
         a1111.process_before_every_sampling(p)
@@ -196,12 +196,12 @@ def hires(world, first, plan_job=None, hires_loras=True, scale=2, strength=0.5, 
                                     world["uncond"].expand(batch, -1, -1))
 
 
-def first_pass_with_state(world, plan):
+def first_pass_with_state(world, plan, mode="blend"):
     shared.opts.batch_cond_uncond = True
     p = processing(*IMAGE[::-1], steps=4, batch=2, seed=3)
     p.sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=world["unet"]), is_sdxl=False)
     p.sampler = A1111Sampler("Euler a", world["ldm"], shared.opts)
-    state = webui.JobState(job=SimpleNamespace(save_layout=False, hires_loras=True))
+    state = webui.JobState(job=SimpleNamespace(save_layout=False, hires_loras=True, mode=mode))
     state.prepared = SimpleNamespace(plan=plan, warnings=[])
     p._multi_concept = state
     a1111.process_before_every_sampling(p)

@@ -97,7 +97,7 @@ def generate(world, plan=None, sampler="Euler a", batch=2, steps=4, split=False,
     p.sampler.model_wrap_cfg = XLCFGDenoiser(p.sampler.model_wrap_cfg.inner_model, shared.opts)
     state = None
     if plan is not None:
-        state = webui.JobState(job=SimpleNamespace(save_layout=False))
+        state = webui.JobState(job=SimpleNamespace(save_layout=False, mode="blend"))
         state.prepared = SimpleNamespace(plan=plan, warnings=[])
         p._multi_concept = state
         a1111.process_before_every_sampling(p)

@@ -62,7 +62,7 @@ def generate(world, plan, hint, split=False, ip_adapter=False, cfg_injection=Fal
     hook = UnetHook(world["unet"], [unit])
     ip = IPAdapter(world["unet"]) if ip_adapter else None
     p.scripts = SimpleNamespace(alwayson_scripts=[SimpleNamespace(latest_network=hook)])
-    state = webui.JobState(job=SimpleNamespace(save_layout=False))
+    state = webui.JobState(job=SimpleNamespace(save_layout=False, mode="blend"))
     state.prepared = SimpleNamespace(plan=plan, warnings=[])
     p._multi_concept = state
     hook.hook()

@@ -1,0 +1,244 @@
+"""What every sampling method shares: the session's patches kept as data (applied and removed
+in one place), the call bookkeeping, the automatic-region recorder and finding masks from it.
+
+A method is a subclass that says how a concept's LoRA acts on a layer (`_lora_forward`), what
+the attention modules do (`_attention_forward`, or `_attend` for hosts that hand over q, k, v),
+how one host call is answered (`denoise`) and how a batch is sampled (`run`, given the host's
+`HostPass`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..auto.attention_maps import AttentionRecorder
+from ..auto.masks import box_cells, masks_from_maps, stretch
+from ..auto.postprocess import finish
+from ..errors import EngineError
+from ..hooks.attention import HostAttention, is_attention
+from ..hooks.state import RunState
+from ..lora.bind import bind_loras
+from ..patcher import PatchSet
+from ..plan import Plan
+from .calls import CallImages, Stats
+
+
+@dataclass
+class HostPass:
+    """What a method needs from the host to sample one batch.
+
+    sample(noise): one run of the host's sampler from this initial noise (its UNet calls come
+    back through `denoise`); replay_noise(): the host's noise generator recreated, so another
+    run gets the same initial and ancestral noise; interrupted(): the user stopped the job;
+    find_regions(latents): automatic regions from these latents (the host adds faces and SAM;
+    None: attention only); layout_done(latents): the layout pass finished (blend)."""
+    sample: Callable[[torch.Tensor], torch.Tensor]
+    initial: torch.Tensor
+    replay_noise: Callable[[], torch.Tensor]
+    interrupted: Callable[[], bool] = lambda: False
+    find_regions: Callable[[torch.Tensor], None] | None = None
+    layout_done: Callable[[torch.Tensor], None] = lambda latents: None
+    to_x0: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None   # (x, out, sigma) -> x0
+
+
+class SessionBase:
+    mode = ""
+
+    def __init__(self, unet: nn.Module, plan: Plan, *, context_key: str = "c_crossattn", warn=print,
+                 attention_on_modules: bool = True):
+        """attention_on_modules: install the attention hooks on the UNet's attention modules
+        (A1111). False: the host routes its attention through `attention()` itself (Forge's
+        attention replace patches)."""
+        self.unet, self.plan, self.context_key = unet, plan, context_key
+        self.run = RunState()
+        self.patches = PatchSet()
+        self.stats = Stats()
+        self.phase: str | None = None
+        self.attention_on_modules = attention_on_modules
+        self.run.decoder_self_attention = {m for name, m in unet.named_modules()
+                                           if name.endswith("attn1") and ("output_blocks" in name or "up_blocks" in name)}
+        self._prepare_patches(warn)   # raises LoraMismatchError before anything is touched
+        # automatic regions: the class words' cross-attention is recorded while the plain prompt samples
+        auto = [plan.concepts[i] for i in plan.auto_concepts]
+        self.recorder = AttentionRecorder([c.auto_tokens for c in auto], _tokens_per_image(auto)) if auto else None
+        self.recorders: list[AttentionRecorder] = []
+        self.record_patches = PatchSet()
+        if self.recorder is not None:
+            self.add_recorder(self.recorder)
+
+    def add_recorder(self, recorder: AttentionRecorder) -> None:
+        """Record cross-attention with this recorder whenever it is active and no engine call is in flight."""
+        self.recorders.append(recorder)
+        if self.attention_on_modules:
+            for module in self.unet.modules():
+                if is_attention(module):
+                    self.record_patches.add(module, "forward",
+                                            lambda original, module=module: recorder.make_forward(module, original))
+
+    # ---- what a method says -------------------------------------------------------------
+
+    def _lora_forward(self, original, by_concept: dict[int, list]):
+        raise NotImplementedError
+
+    def _attention_forward(self, module, original):
+        raise NotImplementedError
+
+    def _attend(self, q, k, v, heads, *, cross: bool, decoder: bool, host: HostAttention, module=None):
+        return host(q, k, v)
+
+    def denoise(self, model_fn, x, sigma, cond, *, n_cond: int, step: int, total_steps: int,
+                images: CallImages | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, host: HostPass) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- shared --------------------------------------------------------------------------
+
+    def _prepare_patches(self, warn) -> None:
+        ops: dict[nn.Module, dict[int, list]] = {}
+        for index, concept in enumerate(self.plan.concepts):
+            for module, module_ops in bind_loras(self.unet, concept.loras, warn).items():
+                ops.setdefault(module, {})[index] = module_ops
+        for module, by_concept in ops.items():
+            self.patches.add(module, "forward",
+                             lambda original, module=module, by_concept=by_concept: self._lora_forward(original, by_concept, module))
+        if not self.attention_on_modules:
+            return
+        for module in self.unet.modules():
+            if is_attention(module):
+                self.patches.add(module, "forward",
+                                 lambda original, module=module: self._attention_forward(module, original))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, cross: bool,
+                  decoder: bool, host: HostAttention, module=None) -> torch.Tensor:
+        """For hosts that hand over projected q, k, v: the attention of this call in this phase.
+        `host(q, k, v)` is the host's own attention; `decoder`: a self-attention of the UNet's
+        output blocks; `module`: the attention module these came from (needed where a method
+        projects another context)."""
+        if self.run.call is None:
+            out = host(q, k, v)
+            if cross:
+                for recorder in self.recorders:
+                    if recorder.wants(k.shape[1]):
+                        n = len(recorder.images)
+                        recorder.record(q[:n], k[:n], heads)
+            return out
+        return self._attend(q, k, v, heads, cross=cross, decoder=decoder, host=host, module=module)
+
+    @contextlib.contextmanager
+    def _recording(self):
+        """The plain prompt samples while the class words' cross-attention is recorded."""
+        self.phase = "record"
+        if self.recorder is not None:
+            self.recorder.sums.clear()
+            self.recorder.counts.clear()
+            self.record_patches.apply()
+        try:
+            yield
+        finally:
+            self.record_patches.remove()
+            if self.recorder is not None:
+                self.recorder.active = False
+            self.phase = None
+
+    @contextlib.contextmanager
+    def _patched(self, phase: str):
+        """The method's LoRA and attention patches on for this phase; off again whatever happens."""
+        self.phase = phase
+        self.patches.apply()
+        try:
+            yield
+        finally:
+            self.run.call = None
+            self.patches.remove()
+            self.phase = None
+
+    @staticmethod
+    def _check_images(x: torch.Tensor, n_cond: int, images: CallImages | None) -> CallImages:
+        if images is None:
+            images = CallImages.batched(n_cond, x.shape[0])
+        if len(images.cond) != n_cond or len(images.cond) + len(images.uncond) != x.shape[0]:
+            raise EngineError(f"a call of {x.shape[0]} rows ({n_cond} cond) was labelled with images {images}")
+        return images
+
+    def _check_size(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[-2:]) != self.plan.regions.latent_hw:
+            raise EngineError(f"latent {tuple(x.shape[-2:])} does not match the plan's "
+                              f"{self.plan.regions.latent_hw} (image {self.plan.image_size})")
+
+    def _model(self, model_fn, x, sigma, cond, call=None) -> torch.Tensor:
+        self.stats.unet_calls += 1
+        self.stats.unet_rows += x.shape[0]
+        self.run.call = call
+        try:
+            return model_fn(x, sigma, cond)
+        finally:
+            self.run.call = None
+
+    # ---- automatic regions ---------------------------------------------------------------
+
+    def find_regions(self, faces=None, finish: bool = True) -> torch.Tensor:
+        """The automatic concepts' masks from the recorded attention, per image, into the plan.
+        faces[b]: face boxes of image b in latent cells, to split people who share a word.
+        finish=False: the host refines them (SAM) and calls `finish_regions` itself."""
+        regions = self.plan.regions
+        if not self.recorder.sums:
+            raise EngineError("automatic regions: no cross-attention was recorded "
+                              "(is the recording window empty? auto_from or start_at too close to its limit)")
+        maps = self.recorder.maps(regions.latent_hw, regions.grids)
+        auto = [self.plan.concepts[i] for i in self.plan.auto_concepts]
+        found = masks_from_maps(maps, [c.auto_group for c in auto], hints=[c.auto_hint for c in auto], faces=faces,
+                                boxes=[c.auto_box for c in auto])
+        self.plan.mask_steps = [("attention", stretch(maps)), ("attention masks", found)]
+        self.plan.face_boxes = faces
+        return self.finish_regions(found) if finish else found
+
+    def finish_regions(self, masks: torch.Tensor, found_by: str | None = None) -> torch.Tensor:
+        """Clean up and grow/shrink (options.auto_grow) found masks, then into the plan.
+        found_by: a label for the save_layout outputs when these masks are a new step (e.g. SAM)."""
+        plan = self.plan
+        if found_by:
+            plan.mask_steps.append((found_by, masks))
+        grow_px = plan.options.auto_grow
+        finished = self._finished(masks)
+        if not torch.equal(finished, masks.float()):
+            plan.mask_steps.append((f"cleaned, grown {grow_px:+g} px" if grow_px else "cleaned", finished))
+        plan.resolve_auto(finished)
+        return finished
+
+    def _finished(self, masks: torch.Tensor) -> torch.Tensor:
+        """Cleaned, grown by options.auto_grow (image px at the masks' resolution), clipped to boxes."""
+        px_per_cell = self.plan.image_size[0] / masks.shape[-2]
+        return self._clip_to_boxes(finish(masks, self.plan.options.auto_grow, px_per_cell=px_per_cell))
+
+    def _clip_to_boxes(self, masks: torch.Tensor) -> torch.Tensor:
+        """A concept searched in a drawn box never leaves it (SAM, growing or refinement may
+        reach out); one left empty takes the box cells no other concept holds."""
+        for slot, index in enumerate(self.plan.auto_concepts):
+            box = self.plan.concepts[index].auto_box
+            if box is None:
+                continue
+            inside = box_cells(box, tuple(masks.shape[-2:])).to(masks.dtype)
+            masks[:, slot] *= inside
+            for b in range(masks.shape[0]):
+                if masks[b, slot].sum() == 0:
+                    others = masks[b].sum(0).clamp(max=1)
+                    masks[b, slot] = inside * (1 - others)
+                    if masks[b, slot].sum() == 0:   # the box is all taken: share it
+                        masks[b, slot] = inside
+        return masks
+
+
+def _tokens_per_image(auto: list) -> list[list[list[int]]] | None:
+    """[image][automatic concept] -> class-word positions, when a batch's prompts put them apart."""
+    images = max((len(c.auto_tokens_per_image) for c in auto if c.auto_tokens_per_image), default=0)
+    if not images:
+        return None
+    return [[(c.auto_tokens_per_image[min(b, len(c.auto_tokens_per_image) - 1)] if c.auto_tokens_per_image
+              else c.auto_tokens) for c in auto] for b in range(images)]

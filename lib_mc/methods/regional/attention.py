@@ -1,0 +1,121 @@
+"""Region-aware attention (LoRA-Composer), in two forms sharing one core:
+
+- cross-attention: inside concept i's region the output is attention(q, K_i, V_i) over concept
+  i's own prompt, projected with concept i's LoRA; elsewhere the main prompt's, with no concept
+  LoRA. Overlaps follow the front-to-back weights (sum 1). Each concept's branch runs on its
+  region's tokens only, so it costs its area.
+- self-attention, concept isolation: queries of concept i's region do not attend to keys of
+  other concepts' regions (background queries and keys take part everywhere). Low-resolution
+  layers use one SDPA call with a boolean (rows, 1, N, N) mask; above MASK_MAX_TOKENS the same
+  attention is computed per segment (each region's queries over its own and the background's
+  keys), with no N x N mask at all.
+
+`make_regional_attention_forward` wraps an ldm-shaped attention module (A1111): the branches
+call the host's own (chained) attention forward on the region's tokens. `regional_attend`
+takes projected q, k, v and the host's attention function (Forge's replace patches).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...hooks.attention import HostAttention, _given
+from ...hooks.state import RunState
+from .call import NO_CONCEPT, RegionalCall
+
+MASK_MAX_TOKENS = 1024   # a (N, N) boolean mask per row up to 1 MiB; above, segments
+
+
+def blend_cross(x_tokens: int, call: RegionalCall, main, branch, like: torch.Tensor) -> torch.Tensor:
+    """main(): the main prompt's output for every token; branch(i, tokens): concept i's output
+    for those tokens (index tensor). -> the region-weighted output."""
+    weights = call.token_weights(x_tokens, like)
+    with call.scoped(NO_CONCEPT):
+        out = main()
+    if weights is None:
+        return out
+    out = out * weights[0][..., None]
+    for i in range(len(call.contexts)):
+        w = weights[i + 1]
+        tokens = (w > 0).any(0).nonzero().flatten()
+        if tokens.numel() == 0:
+            continue
+        with call.scoped(i):
+            part = branch(i, tokens)
+        out[:, tokens] += w[:, tokens, None] * part
+    return out
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, inner = t.shape
+    return t.view(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def isolated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                       labels: torch.Tensor) -> torch.Tensor:
+    """Self-attention (rows, N, heads * d) with concept isolation; labels (rows, N): 0 background,
+    i + 1 concept i."""
+    b, n, inner = q.shape
+    qh, kh, vh = (_heads(t, heads) for t in (q, k, v))
+    if n <= MASK_MAX_TOKENS:
+        lq, lk = labels[:, :, None], labels[:, None, :]
+        allowed = ~((lq > 0) & (lk > 0) & (lq != lk))
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed[:, None])
+    else:
+        out = _segments(qh, kh, vh, labels)
+    return out.transpose(1, 2).reshape(b, n, inner)
+
+
+def _segments(qh, kh, vh, labels) -> torch.Tensor:
+    """The isolated attention region by region: rows that share a label map are done together."""
+    out = torch.empty_like(qh)
+    maps, which = torch.unique(labels, dim=0, return_inverse=True)
+    for m in range(maps.shape[0]):
+        rows = (which == m).nonzero().flatten()
+        label = maps[m]
+        background = label == 0
+        for value in label.unique().tolist():
+            queries = (label == value).nonzero().flatten()
+            q = qh[rows][:, :, queries]
+            if value == 0:
+                k, v = kh[rows], vh[rows]
+            else:
+                keys = (background | (label == value)).nonzero().flatten()
+                k, v = kh[rows][:, :, keys], vh[rows][:, :, keys]
+            out[rows[:, None], :, queries[None, :]] = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    return out
+
+
+def regional_attend(q, k, v, heads: int, call: RegionalCall, *, cross: bool, host: HostAttention,
+                    module=None) -> torch.Tensor:
+    """Projected q, k, v -> attention output before to_out (Forge). `module`: the attention
+    module, whose to_k / to_v project each concept's context."""
+    if cross:
+        if module is None:
+            return host(q, k, v)
+
+        def branch(i, tokens):
+            context = call.contexts[i].to(q.device)
+            return host(q[:, tokens], module.to_k(context), module.to_v(context))
+        return blend_cross(q.shape[1], call, lambda: host(q, k, v), branch, q)
+    if call.isolate and call.grid_of(q.shape[1]) is not None:
+        return isolated_attention(q, k, v, heads, call.labels(q.shape[1], q.device))
+    return host(q, k, v)
+
+
+def make_regional_attention_forward(module, original, run: RunState):
+    def forward(x, context=None, mask=None, **kwargs):
+        call: RegionalCall | None = run.call
+        if call is None or mask is not None or any(_given(v) for v in kwargs.values()) or x.shape[0] != call.rows:
+            return original(x, context=context, mask=mask, **kwargs)
+        if context is not None and context is not x:
+            def branch(i, tokens):
+                return original(x[:, tokens], context=call.contexts[i].to(x.device, context.dtype), **kwargs)
+            return blend_cross(x.shape[1], call, lambda: original(x, context=context, **kwargs), branch, x)
+        if call.isolate and call.grid_of(x.shape[1]) is not None:
+            q, k, v = module.to_q(x), module.to_k(x), module.to_v(x)
+            out = isolated_attention(q, k, v, module.heads, call.labels(x.shape[1], x.device))
+            return module.to_out(out)
+        return original(x, context=context, mask=mask, **kwargs)
+    return forward

@@ -1,0 +1,66 @@
+"""A layer's forward that adds each concept's LoRA delta only where its region is: weighted by
+the region at the layer's resolution (convolutions and token layers), or, inside a concept's
+own cross-attention branch, everywhere for that concept alone. The rows are the host's own:
+no extra UNet rows, no weight merging."""
+
+from __future__ import annotations
+
+import torch
+
+from ...hooks.lora_rows import compute_dtype
+from ...hooks.state import RunState
+from .call import NO_CONCEPT, SPATIAL, RegionalCall
+
+
+def _delta(ops, x):
+    delta = ops[0](x)
+    for op in ops[1:]:
+        delta = delta + op(x)
+    return delta
+
+
+def make_regional_lora_forward(original, ops_by_concept: dict[int, list], run: RunState, *, context_layer: bool):
+    """context_layer: the layer projects a text context (cross-attention to_k / to_v): it has no
+    region; a concept's LoRA acts on it only in that concept's branch."""
+    placed: dict[tuple, dict[int, list]] = {}
+
+    def ops_for(x):
+        key = (x.device, compute_dtype(x))
+        if key not in placed:
+            placed[key] = {c: [op.to(*key) for op in ops] for c, ops in ops_by_concept.items()}
+        return placed[key]
+
+    def forward(x, *args, **kwargs):
+        y = original(x, *args, **kwargs)
+        call: RegionalCall | None = run.call
+        if call is None or x.shape[0] != call.rows:
+            return y
+        if call.scope is not SPATIAL:
+            if call.scope != NO_CONCEPT and call.scope in ops_by_concept:
+                y = y + _delta(ops_for(x)[call.scope], x).to(y.dtype)
+            return y
+        if context_layer:
+            return y
+        if x.dim() == 4:
+            weights = call.weights_at(tuple(x.shape[-2:]), y)[:, :, None]            # (n+1, rows, 1, h, w)
+        elif x.dim() == 3:
+            weights = call.token_weights(x.shape[1], y)
+            if weights is None:
+                return y   # not image tokens
+            weights = weights[..., None]                                             # (n+1, rows, N, 1)
+        else:
+            return y   # no spatial extent (time embedding): a region cannot apply
+        for concept, ops in ops_for(x).items():
+            w = weights[concept + 1]
+            if x.dim() == 3:
+                tokens = (w[..., 0] > 0).any(0).nonzero().flatten()
+                if tokens.numel() == 0:
+                    continue
+                if tokens.numel() == x.shape[1]:
+                    y = y + w * _delta(ops, x).to(y.dtype)
+                else:   # only the region's tokens: the delta costs its area
+                    y[:, tokens] += w[:, tokens] * _delta(ops, x[:, tokens]).to(y.dtype)
+            elif w.any():
+                y = y + w * _delta(ops, x).to(y.dtype)
+        return y
+    return forward

@@ -1,0 +1,194 @@
+"""Regional sampling (LoRA-Composer, made cheap), host-independent: one pass of the host's
+sampler in which every UNet call is the host's own, on the host's rows, and each concept acts
+inside its region through the hooks (region-weighted LoRA deltas, region-aware cross-attention
+over its own prompt, concept isolation in self-attention).
+
+Steps before `start_step` are plain. With automatic regions they record the class words'
+cross-attention; at the start step the masks are found (the host adds faces and SAM on the x0
+prediction) and the concepts act from then on, in the same pass. With `reinit`, a probe call at
+the first step (cond rows only) places each drawn concept's noise, and the pass starts over
+from the re-initialised noise with the same ancestral noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ...auto.attention_maps import AttentionRecorder
+from ...conds import cat_conds, override, rows_of
+from ...errors import EngineError
+from ...plan import Conditioning, _fraction_to_step
+from ..base import HostPass, SessionBase
+from ..calls import CallImages
+from .attention import make_regional_attention_forward, regional_attend
+from .call import RegionalCall
+from .lora import make_regional_lora_forward
+from .reinit import box_of, reinitialise
+
+
+class _Probed(Exception):
+    """Raised out of the probe pass once the first call has placed the concepts' noise."""
+
+    def __init__(self, noise: torch.Tensor):
+        super().__init__("re-initialised")
+        self.noise = noise
+
+
+class RegionalSession(SessionBase):
+    mode = "regional"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._context_layers = {layer for name, m in self.unet.named_modules() if name.endswith("attn2")
+                                for layer in (getattr(m, "to_k", None), getattr(m, "to_v", None)) if layer is not None}
+        self._host: HostPass | None = None
+        self._x0: dict[int, torch.Tensor] = {}   # image -> the latest x0 prediction of its cond row
+        self.probe = None
+        probed = [i for i, c in enumerate(self.plan.concepts) if c.class_tokens and c.mask is not None]
+        if self.plan.options.reinit and probed:
+            self._probed = probed
+            self.probe = AttentionRecorder([self.plan.concepts[i].class_tokens for i in probed])
+            self.add_recorder(self.probe)
+        if self.recorder is not None and self.plan.start_step(1000) == 0 and self.plan.image_regions is None:
+            raise EngineError("automatic regions in regional mode are found at start_at: it must be > 0")
+
+    def _lora_forward(self, original, by_concept, module=None):
+        return make_regional_lora_forward(original, by_concept, self.run, context_layer=module in self._context_layers)
+
+    def _attention_forward(self, module, original):
+        return make_regional_attention_forward(module, original, self.run)
+
+    def _attend(self, q, k, v, heads, *, cross, decoder, host, module=None):
+        return regional_attend(q, k, v, heads, self.run.call, cross=cross, host=host, module=module)
+
+    # ---- the batch ------------------------------------------------------------------------
+
+    def sample(self, host: HostPass) -> torch.Tensor:
+        self._host = host
+        noise = host.initial
+        if self.probe is not None:
+            noise = self._reinitialised(host)
+            if host.interrupted():
+                return noise
+        with self.single_pass():
+            return host.sample(noise)
+
+    def _reinitialised(self, host: HostPass) -> torch.Tensor:
+        try:
+            with self._phase("probe"):
+                host.sample(host.initial)
+        except _Probed as probed:
+            host.replay_noise()   # the same ancestral noise for the real pass
+            return probed.noise.to(host.initial.device, host.initial.dtype)
+        raise EngineError("latent re-initialisation: the sampler made no call with conditional rows")
+
+    @contextlib.contextmanager
+    def single_pass(self):
+        """The one pass (also the hires fix's second pass, with `plan.at_size`)."""
+        with self._phase("regional"):
+            yield self
+
+    @contextlib.contextmanager
+    def _phase(self, phase: str):
+        with self._patched(phase), self._recording_on():
+            yield
+
+    @contextlib.contextmanager
+    def _recording_on(self):
+        self.record_patches.apply()
+        try:
+            yield
+        finally:
+            self.record_patches.remove()
+            for recorder in self.recorders:
+                recorder.active = False
+
+    # ---- the denoiser call --------------------------------------------------------------
+
+    def denoise(self, model_fn, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, *,
+                n_cond: int, step: int, total_steps: int, images: CallImages | None = None) -> torch.Tensor:
+        images = self._check_images(x, n_cond, images)
+        if self.phase == "probe":
+            return self._probe_call(model_fn, x, sigma, cond, images)
+        if self.phase != "regional":
+            return model_fn(x, sigma, cond)
+        self._check_size(x)
+        auto_pending = self.recorder is not None and self.plan.image_regions is None
+        if step < self.plan.start_step(total_steps):
+            if not auto_pending:
+                return self._model(model_fn, x, sigma, cond)
+            self.recorder.active, self.recorder.images = True, images.cond
+            out = self._model(model_fn, x, sigma, cond)
+            self._keep_x0(x, sigma, out, images)
+            return out
+        if auto_pending:
+            self.recorder.active = False
+            self._find_now()
+        call = RegionalCall(self.plan, images.all, self._contexts(cond, images),
+                            isolate=self._isolating(step, total_steps))
+        return self._model(model_fn, x, sigma, cond, call)
+
+    def _isolating(self, step: int, total_steps: int) -> bool:
+        o = self.plan.options
+        return o.isolation and step < _fraction_to_step(o.isolation_until, total_steps)
+
+    def _contexts(self, cond: Conditioning, images: CallImages) -> list[torch.Tensor]:
+        """Each concept's context for the rows of this call: its prompt for the cond rows, its
+        negative (or the host's) for the uncond rows, padded A1111-style to one length."""
+        key, n = self.context_key, len(images.cond)
+        main = {key: cond[key]}
+        contexts = []
+        for concept in self.plan.concepts:
+            blocks = []
+            own_cond = None if concept.cond is None else {key: concept.cond[key]}
+            own_uncond = None if concept.uncond is None else {key: concept.uncond[key]}
+            if images.cond:
+                blocks.append(override(rows_of(main, slice(0, n)), own_cond, images.cond))
+            if images.uncond:
+                blocks.append(override(rows_of(main, slice(n, None)), own_uncond, images.uncond))
+            contexts.append(cat_conds(blocks, key)[key])
+        return contexts
+
+    # ---- automatic regions in the same pass -----------------------------------------------
+
+    def _keep_x0(self, x, sigma, out, images: CallImages) -> None:
+        to_x0 = self._host.to_x0 if self._host is not None else None
+        for row, image in enumerate(images.cond):
+            self._x0[image] = (to_x0(x[row:row + 1], out[row:row + 1], sigma[row:row + 1])[0] if to_x0 is not None
+                               else out[row]).detach()
+
+    def _find_now(self) -> None:
+        host = self._host
+        if host is not None and host.find_regions is not None and self._x0:
+            latents = torch.stack([self._x0[b] for b in sorted(self._x0)])
+            host.find_regions(latents)
+        else:
+            self.find_regions()
+
+    # ---- latent re-initialisation -----------------------------------------------------------
+
+    def _probe_call(self, model_fn, x, sigma, cond, images: CallImages) -> torch.Tensor:
+        """The first call with cond rows: those rows only, the class words' attention recorded,
+        the concepts' noise placed; then the probe pass stops."""
+        n = len(images.cond)
+        if not n:
+            return self._model(model_fn, x, sigma, cond)
+        self.probe.sums.clear()
+        self.probe.counts.clear()
+        self.probe.active, self.probe.images = True, images.cond
+        try:
+            self._model(model_fn, x[:n], sigma[:n], rows_of(cond, slice(0, n)))
+        finally:
+            self.probe.active = False
+        self.stats.probe_rows += n
+        regions = self.plan.regions
+        maps = self.probe.maps(regions.latent_hw, regions.grids)
+        noise = self._host.initial
+        boxes = []
+        for b in range(noise.shape[0]):
+            weights = (self.plan.image_regions[min(b, len(self.plan.image_regions) - 1)] if self.plan.image_regions
+                       else regions).latent
+            boxes.append([box_of(weights[i + 1]) for i in self._probed])
+        raise _Probed(reinitialise(noise.detach().cpu().float(), maps.float(), boxes))

@@ -136,9 +136,13 @@ class RegionalSession(SessionBase):
 
     def _contexts(self, cond: Conditioning, images: CallImages) -> list[torch.Tensor]:
         """Each concept's context for the rows of this call: its prompt for the cond rows, its
-        negative (or the host's) for the uncond rows, padded A1111-style to one length."""
+        negative (or the host's) for the uncond rows, padded A1111-style to the longest of every
+        concept's prompts and this call's, so a row's keys do not depend on how the host split
+        its calls."""
         key, n = self.context_key, len(images.cond)
         main = {key: cond[key]}
+        own = [c[key] for concept in self.plan.concepts for c in (concept.cond, concept.uncond) if c is not None]
+        length = max(t.shape[1] for t in [cond[key], *own])
         contexts = []
         for concept in self.plan.concepts:
             blocks = []
@@ -148,7 +152,7 @@ class RegionalSession(SessionBase):
                 blocks.append(override(rows_of(main, slice(0, n)), own_cond, images.cond))
             if images.uncond:
                 blocks.append(override(rows_of(main, slice(n, None)), own_uncond, images.uncond))
-            contexts.append(cat_conds(blocks, key)[key])
+            contexts.append(cat_conds(blocks, key, length)[key])
         return contexts
 
     # ---- automatic regions in the same pass -----------------------------------------------

@@ -17,8 +17,19 @@ REFUSED = {
 }
 
 
-def check_sampler(name: str | None) -> None:
-    reason = REFUSED.get((name or "").strip())
+# samplers that evaluate the model twice per step (k-diffusion's second-order and midpoint ones)
+TWO_EVALUATIONS = {"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE"}
+
+
+def evaluations_per_step(name: str | None) -> int:
+    """How many CFG evaluations the sampler makes per step: the engine counts evaluations, and a
+    fraction of the steps (start_at, isolation_until) must mean the same for every sampler."""
+    return 2 if (name or "").strip() in TWO_EVALUATIONS else 1
+
+
+def check_sampler(name: str | None, mode: str = "blend") -> None:
+    """Only the two-stage method needs the same model calls in both passes; one pass runs any sampler."""
+    reason = REFUSED.get((name or "").strip()) if mode == "blend" else None
     if reason:
         raise JobError("sampler", f"{name} cannot be used with Multi-Concept: {reason}; pick another sampler "
                                   "(e.g. Euler a, DPM++ 2M, DPM++ SDE, DDIM)")

@@ -10,8 +10,10 @@ Flow per job:
 - `process_batch` (main-prompt LoRAs are active): resolve LoRAs, encode concept prompts with
   their text-encoder LoRAs, build masks and the engine Plan.
 - `process_before_every_sampling` (first pass only, not hires): the adapter routes the UNet
-  calls and `wrap_sampler` makes this batch's `sampler.sample` sample twice: stage 1 plain and
-  recorded, then `p.rng` is recreated and stage 2 runs with the engine.
+  calls and `wrap_sampler` hands this batch's `sampler.sample` to the job's method
+  (`session.sample`): blend samples twice (stage 1 plain and recorded, then `p.rng` is
+  recreated and stage 2 runs with the engine), regional once (a probe call first when it
+  re-initialises the latent, then `p.rng` is recreated).
 - `postprocess`: with `save_layout`, add the stage-1 images and a mask overlay.
 """
 
@@ -37,7 +39,7 @@ from ..prepare import LoraFile, Prepared, prepare
 from ..regions import encode_png
 from . import check_model_family, webui_models
 from .layout_images import layout_outputs
-from .samplers import check_sampler
+from .samplers import check_sampler, evaluations_per_step
 from .webui_xyz import XYZ_ATTR
 
 WARNINGS_KEY = "Multi-Concept warnings"
@@ -133,7 +135,7 @@ def process(p, job_arg) -> None:
             return
         if job.enabled and not job.concepts:
             raise JobError("concepts", "is empty: add at least one concept or disable Multi-Concept")
-        check_sampler(getattr(p, "sampler_name", None))
+        check_sampler(getattr(p, "sampler_name", None), job.mode)
         check_refiner(p)
         prompts = p.prompt if isinstance(p.prompt, list) else [p.prompt or ""]   # Prompt Matrix: a list
         refuse_and(prompts)
@@ -264,8 +266,9 @@ def hires_failed(p, state: JobState, exc: Exception) -> None:
 
 
 class StepCount:
-    """Steps as the engine counts them: the CFG denoiser's own counter; the total is stage 1's
-    count of denoiser calls once known (a sampler's own estimate before)."""
+    """Steps as the engine counts them: the CFG denoiser's own counter of evaluations; the total
+    is stage 1's count of them once known, before that the steps times the sampler's
+    evaluations per step."""
 
     def __init__(self, cfg, p):
         self.cfg, self.p = cfg, p
@@ -279,17 +282,18 @@ class StepCount:
     def total(self) -> int:
         if self.stage1_calls:
             return self.stage1_calls
-        return max(1, int(getattr(self.cfg, "total_steps", 0) or self.p.steps))
+        steps = max(1, int(getattr(self.cfg, "total_steps", 0) or self.p.steps))
+        return steps * evaluations_per_step(getattr(self.p, "sampler_name", None))
 
 
 def wrap_sampler(p, state: JobState, counter: StepCount, routing=None) -> None:
-    """Make this batch's `sampler.sample` sample twice (once: the hires pass gets the plain
-    sampler). `routing`: a context manager active around both stages (A1111's patches)."""
+    """Make this batch's `sampler.sample` sample with the job's method (once: the hires pass
+    gets the plain sampler). `routing`: a context manager active around all of it (A1111's patches)."""
     sampler = p.sampler
     original = sampler.sample
     state.routed_sampler = sampler
 
-    def two_stage_sample(p_, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None,
+    def routed_sample(p_, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None,
                          **kwargs):
         sampler.__dict__.pop("sample", None)
         if state.error is not None:
@@ -301,25 +305,29 @@ def wrap_sampler(p, state: JobState, counter: StepCount, routing=None) -> None:
             return original(p_, noise, conditioning, unconditional_conditioning, steps=steps,
                             image_conditioning=image_conditioning, **kwargs)
         if routing is None:
-            return _two_stages(p_, state, counter, x, sample_once)
+            return _sample_batch(p_, state, counter, x, sample_once)
         with routing:
-            return _two_stages(p_, state, counter, x, sample_once)
-    sampler.sample = two_stage_sample
+            return _sample_batch(p_, state, counter, x, sample_once)
+    sampler.sample = routed_sample
 
 
-def _two_stages(p, state: JobState, counter: StepCount, x: torch.Tensor, sample_once: Callable):
+def _sample_batch(p, state: JobState, counter: StepCount, x: torch.Tensor, sample_once: Callable):
     """This batch sampled by the job's method (`session.sample`), given what it needs of the host."""
     counter.stage1_calls = None
 
+    def layout_image(latents):
+        state.layouts.append((latents.detach().to(devices.cpu), state.prepared.plan))
+
     def layout_done(first):
         counter.stage1_calls = counter.step or None
-        state.layouts.append((first.detach().to(devices.cpu), state.prepared.plan))
+        layout_image(first)
 
     cfg = getattr(p.sampler, "model_wrap_cfg", None)
     initial = x.clone()
     host = HostPass(sample=sample_once, initial=x, replay_noise=lambda: _replay_noise(p, initial),
                     interrupted=lambda: bool(shared.state.interrupted or shared.state.skipped),
                     find_regions=lambda latents: _find_regions(p, state, latents), layout_done=layout_done,
+                    layout_image=layout_image,
                     to_x0=_x0_of(cfg))
     result = state.session.sample(host)
     _remember_found(p, state)

@@ -36,13 +36,15 @@ class HostPass:
     back through `denoise`); replay_noise(): the host's noise generator recreated, so another
     run gets the same initial and ancestral noise; interrupted(): the user stopped the job;
     find_regions(latents): automatic regions from these latents (the host adds faces and SAM;
-    None: attention only); layout_done(latents): the layout pass finished (blend)."""
+    None: attention only); layout_done(latents): the layout pass finished (blend);
+    layout_image(latents): what the regions were found on, for the save_layout outputs."""
     sample: Callable[[torch.Tensor], torch.Tensor]
     initial: torch.Tensor
     replay_noise: Callable[[], torch.Tensor]
     interrupted: Callable[[], bool] = lambda: False
     find_regions: Callable[[torch.Tensor], None] | None = None
     layout_done: Callable[[torch.Tensor], None] = lambda latents: None
+    layout_image: Callable[[torch.Tensor], None] = lambda latents: None
     to_x0: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None   # (x, out, sigma) -> x0
 
 

@@ -167,6 +167,7 @@ class RegionalSession(SessionBase):
         host = self._host
         if host is not None and host.find_regions is not None and self._x0:
             latents = torch.stack([self._x0[b] for b in sorted(self._x0)])
+            host.layout_image(latents)
             host.find_regions(latents)
         else:
             self.find_regions()

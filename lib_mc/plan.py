@@ -36,6 +36,7 @@ class Concept:
     auto_hint: str = ""                # which part of a shared word's area: "left", "right", "largest"
     auto_box: tuple[float, float, float, float] | None = None   # the subject is inside (x, y, w, h), fractions
     class_tokens: list[int] | None = None   # base-prompt positions of its class word (regional re-initialisation)
+    own_class_tokens: list[int] | None = None   # ... in its own prompt (regional concept enhancement)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Options:
     isolation: bool = True             # self-attention: a concept's queries skip other concepts' keys
     isolation_until: float = 1.0       # ... during this fraction of steps
     reinit: bool = False               # re-initialise each drawn concept's noise from a probe at the first step
+    enhance: bool = False              # gradient guidance on the concepts' attention during the first steps
 
 
 @dataclass
@@ -108,7 +110,7 @@ class Plan:
         as found for each image, feather scaled, no layout replay or refinement."""
         hw = (int(image_size[0]), int(image_size[1]))
         scale = hw[0] / self.image_size[0]
-        options = replace(self.options, start_at=0.0, layout_replay=False, refine_every=0, reinit=False,
+        options = replace(self.options, start_at=0.0, layout_replay=False, refine_every=0, reinit=False, enhance=False,
                           feather=self.options.feather * scale)
         masks = [c.mask if c.mask is not None else torch.ones(hw) for c in self.concepts]
         plan = Plan(list(self.concepts), hw, options,
@@ -209,6 +211,7 @@ def _concept(item: Any, i: int) -> Concept:
         auto_hint=str(item.get("auto_hint") or ""),
         auto_box=_box(item.get("auto_box"), f"{name}.auto_box"),
         class_tokens=_positions(item.get("class_tokens"), f"{name}.class_tokens"),
+        own_class_tokens=_positions(item.get("own_class_tokens"), f"{name}.own_class_tokens"),
     )
 
 
@@ -247,7 +250,7 @@ def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: An
     opts.refine_until = _number(opts.refine_until, "refine_until", 0.0, 1.0)
     opts.auto_grow = _number(opts.auto_grow, "auto_grow")
     opts.isolation_until = _number(opts.isolation_until, "isolation_until (regional mode)", 0.0, 1.0)
-    for name in ("isolation", "reinit"):
+    for name in ("isolation", "reinit", "enhance"):
         if not isinstance(getattr(opts, name), bool):
             raise PlanError(f"{name} (regional mode)", f"must be true or false, got {getattr(opts, name)!r}")
     for name in ("refine_every", "refine_clusters"):

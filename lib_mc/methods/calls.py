@@ -30,6 +30,7 @@ class Stats:
     unet_rows: int = 0          # UNet sample-evaluations, one per batch row
     replayed_calls: int = 0     # stage-2 calls answered from the stage-1 record
     probe_rows: int = 0         # rows of extra calls outside the sampler's own (regional re-initialisation)
+    enhance_rows: int = 0       # rows of gradient-enabled calls (regional concept enhancement)
 
     def reset(self):
-        self.unet_calls = self.unet_rows = self.replayed_calls = self.probe_rows = 0
+        self.unet_calls = self.unet_rows = self.replayed_calls = self.probe_rows = self.enhance_rows = 0

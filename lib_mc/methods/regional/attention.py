@@ -87,6 +87,19 @@ def _segments(qh, kh, vh, labels) -> torch.Tensor:
     return out
 
 
+def _capture_cross(call: RegionalCall, q: torch.Tensor, heads: int, module) -> None:
+    """Each concept's class-word attention over every image token, its LoRA on its keys."""
+    keys = []
+    for i, context in enumerate(call.contexts):
+        with call.scoped(i):
+            keys.append(module.to_k(context.to(q.device, q.dtype)))
+    call.capture.add_cross(q, heads, keys)
+
+
+def _captures(call: RegionalCall, n_tokens: int) -> bool:
+    return call.capture is not None and call.capture.wants(n_tokens)
+
+
 def regional_attend(q, k, v, heads: int, call: RegionalCall, *, cross: bool, host: HostAttention,
                     module=None) -> torch.Tensor:
     """Projected q, k, v -> attention output before to_out (Forge). `module`: the attention
@@ -94,11 +107,15 @@ def regional_attend(q, k, v, heads: int, call: RegionalCall, *, cross: bool, hos
     if cross:
         if module is None:
             return host(q, k, v)
+        if _captures(call, q.shape[1]):
+            _capture_cross(call, q, heads, module)
 
         def branch(i, tokens):
             context = call.contexts[i].to(q.device)
             return host(q[:, tokens], module.to_k(context), module.to_v(context))
         return blend_cross(q.shape[1], call, lambda: host(q, k, v), branch, q)
+    if _captures(call, q.shape[1]):
+        call.capture.add_self(q, k, heads)
     if call.isolate and call.grid_of(q.shape[1]) is not None:
         return isolated_attention(q, k, v, heads, call.labels(q.shape[1], q.device))
     return host(q, k, v)
@@ -110,12 +127,20 @@ def make_regional_attention_forward(module, original, run: RunState):
         if call is None or mask is not None or any(_given(v) for v in kwargs.values()) or x.shape[0] != call.rows:
             return original(x, context=context, mask=mask, **kwargs)
         if context is not None and context is not x:
+            if _captures(call, x.shape[1]):
+                _capture_cross(call, module.to_q(x), module.heads, module)
+
             def branch(i, tokens):
                 return original(x[:, tokens], context=call.contexts[i].to(x.device, context.dtype), **kwargs)
             return blend_cross(x.shape[1], call, lambda: original(x, context=context, **kwargs), branch, x)
+        captures = _captures(call, x.shape[1])
         if call.isolate and call.grid_of(x.shape[1]) is not None:
             q, k, v = module.to_q(x), module.to_k(x), module.to_v(x)
+            if captures:
+                call.capture.add_self(q, k, module.heads)
             out = isolated_attention(q, k, v, module.heads, call.labels(x.shape[1], x.device))
             return module.to_out(out)
+        if captures:
+            call.capture.add_self(module.to_q(x), module.to_k(x), module.heads)
         return original(x, context=context, mask=mask, **kwargs)
     return forward

@@ -16,9 +16,12 @@ SPATIAL, NO_CONCEPT = None, -1
 class RegionalCall:
     host_rows = True   # the rows are the host's own ([cond rows, uncond rows] of its call)
 
-    def __init__(self, plan: Plan, images: list[int], contexts: list[torch.Tensor], *, isolate: bool):
-        """images[r]: the batch image of row r; contexts[i]: concept i's context, (rows, L, D)."""
+    def __init__(self, plan: Plan, images: list[int], contexts: list[torch.Tensor], *, isolate: bool,
+                 capture=None):
+        """images[r]: the batch image of row r; contexts[i]: concept i's context, (rows, L, D);
+        capture: an enhancement `Capture` collecting attention maps (a gradient-enabled call)."""
         self.plan, self.images, self.contexts, self.isolate = plan, images, contexts, isolate
+        self.capture = capture
         self.scope: int | None = SPATIAL   # SPATIAL: each concept's LoRA under its region weights;
         # NO_CONCEPT: no concept LoRA; i: concept i's LoRA on every input (its own cross-attention branch)
         self._weights: dict[tuple, torch.Tensor] = {}

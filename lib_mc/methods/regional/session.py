@@ -24,6 +24,7 @@ from ..base import HostPass, SessionBase
 from ..calls import CallImages
 from .attention import make_regional_attention_forward, regional_attend
 from .call import RegionalCall
+from .enhance import PATIENCE, UNTIL, Capture, enhancement_loss, out_of_memory, step_size
 from .lora import make_regional_lora_forward
 from .reinit import box_of, reinitialise
 
@@ -45,6 +46,8 @@ class RegionalSession(SessionBase):
                                 for layer in (getattr(m, "to_k", None), getattr(m, "to_v", None)) if layer is not None}
         self._host: HostPass | None = None
         self._x0: dict[int, torch.Tensor] = {}   # image -> the latest x0 prediction of its cond row
+        self._enhance_losses: dict[int, float] = {}   # step -> loss (the guidance stops once it rises)
+        self._enhance_stopped = False
         self.probe = None
         probed = [i for i, c in enumerate(self.plan.concepts) if c.class_tokens and c.mask is not None]
         if self.plan.options.reinit and probed:
@@ -128,7 +131,13 @@ class RegionalSession(SessionBase):
             self._find_now()
         call = RegionalCall(self.plan, images.all, self._contexts(cond, images),
                             isolate=self._isolating(step, total_steps))
-        return self._model(model_fn, x, sigma, cond, call)
+        out = self._model(model_fn, x, sigma, cond, call)
+        if images.cond and self._enhancing(step, total_steps):
+            n = len(images.cond)
+            grad = self._enhance(model_fn, x[:n], sigma[:n], rows_of(cond, slice(0, n)), images.cond, step,
+                                 total_steps)
+            out = torch.cat([out[:n] - step_size(step, total_steps) * grad.to(out.dtype), out[n:]])
+        return out
 
     def _isolating(self, step: int, total_steps: int) -> bool:
         o = self.plan.options
@@ -154,6 +163,43 @@ class RegionalSession(SessionBase):
                 blocks.append(override(rows_of(main, slice(n, None)), own_uncond, images.uncond))
             contexts.append(cat_conds(blocks, key, length)[key])
         return contexts
+
+    # ---- concept enhancement -----------------------------------------------------------------
+
+    def _enhancing(self, step: int, total_steps: int) -> bool:
+        return (self.plan.options.enhance and not self._enhance_stopped and
+                step < _fraction_to_step(UNTIL, total_steps) and
+                any(c.own_class_tokens for c in self.plan.concepts))
+
+    def _enhance(self, model_fn, x, sigma, cond, images: tuple[int, ...], step: int, total_steps: int) -> torch.Tensor:
+        """The enhancement losses' gradient with respect to the cond rows' latent (see enhance.py)."""
+        grid = self.plan.regions.grids[2]
+        capture = Capture([c.own_class_tokens for c in self.plan.concepts], grid[0] * grid[1])
+        call = RegionalCall(self.plan, list(images), self._contexts(cond, CallImages(images, ())),
+                            isolate=self._isolating(step, total_steps), capture=capture)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                latent = x.detach().clone().requires_grad_(True)
+                self.run.call = call
+                try:
+                    model_fn(latent, sigma, cond)
+                finally:
+                    self.run.call = None
+                regions = (call.weights_at(grid, latent)[1:] > 0.5).float().transpose(0, 1)
+                loss = enhancement_loss(capture, regions, grid)
+                (grad,) = torch.autograd.grad(loss, latent)
+        except Exception as exc:
+            if out_of_memory(exc):
+                raise EngineError("concept enhancement ran out of memory (it keeps one backward pass of the "
+                                  "UNet): turn Concept enhancement off, or use a smaller image") from exc
+            raise
+        self.stats.enhance_rows += x.shape[0]
+        value = float(loss)
+        before = self._enhance_losses.get(step - 1)
+        self._enhance_losses[step] = value
+        if before is not None and value > before and step >= PATIENCE:
+            self._enhance_stopped = True
+        return grad.detach()
 
     # ---- automatic regions in the same pass -----------------------------------------------
 

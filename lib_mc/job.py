@@ -3,6 +3,10 @@
 The one script argument is this JSON (a dict or its string). Unknown keys are ignored; every
 known field is checked and a bad one raises JobError naming it (`concepts[1].region.w: ...`).
 Nothing here touches a model or a file path: masks arrive as base64 PNG.
+
+Two modes: "blend" (a layout pass, then the concepts blended in) and "regional" (every concept
+in its region inside one sampling pass). An option only one mode uses (MODE_OF_OPTION) is
+ignored by the other mode, left out of its infotext, and named as that mode's in errors.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from typing import Any, Mapping
 from .errors import PlanError
 
 SCHEMA_VERSION = 1
-MODES = ("blend",)
+MODES = ("blend", "regional")
+# options read by one mode only; any other top-level option is read by both
+MODE_OF_OPTION = {"layout_replay": "blend", "self_attn_replay_until": "blend",
+                  "isolation": "regional", "isolation_until": "regional", "reinit": "regional"}
+DEFAULT_START = 0.3   # blend; and regional when a region is automatic (found at start_at)
 MAX_CONCEPTS = 8
 MAX_GROW_PX = 128   # auto_grow: found masks grow or shrink at most this many image pixels
 MAX_MASK_PNG_BYTES = 16 * 2 ** 20
@@ -59,7 +67,7 @@ class ConceptSpec:
 class Job:
     enabled: bool = False
     mode: str = "blend"
-    start_at: float = 0.3
+    start_at: float | None = None       # None: the mode's default (start_fraction)
     layout_replay: bool = True
     self_attn_replay_until: float = 0.4
     feather: float = 0.0
@@ -67,7 +75,18 @@ class Job:
     refine_regions: bool = False      # automatic regions follow the subjects during sampling
     auto_grow: float = 0.0            # automatic regions: grow (> 0) or shrink found masks, image pixels
     hires_loras: bool = True          # hires fix: each concept's LoRAs act in its (upscaled) region
+    isolation: bool = True            # regional: region i's self-attention queries skip other concepts' keys
+    isolation_until: float = 1.0      # regional: fraction of the steps during which isolation acts
+    reinit: bool = False              # regional: each region's initial latent re-drawn at the first step
     concepts: list[ConceptSpec] = field(default_factory=list)
+
+    def start_fraction(self, has_auto: bool) -> float:
+        """The fraction of the steps from which the concepts act: start_at when given, else the
+        mode's default. Regional mode with drawn regions starts at once (as Regional Prompter
+        does); automatic regions are found at start_at, so they need steps before it."""
+        if self.start_at is not None:
+            return self.start_at
+        return DEFAULT_START if self.mode == "blend" or has_auto else 0.0
 
     def to_dict(self) -> dict:
         return {
@@ -75,7 +94,8 @@ class Job:
             "start_at": self.start_at, "layout_replay": self.layout_replay,
             "self_attn_replay_until": self.self_attn_replay_until, "feather": self.feather,
             "save_layout": self.save_layout, "refine_regions": self.refine_regions, "auto_grow": self.auto_grow,
-            "hires_loras": self.hires_loras, "concepts": [_concept_dict(c) for c in self.concepts],
+            "hires_loras": self.hires_loras, "isolation": self.isolation, "isolation_until": self.isolation_until,
+            "reinit": self.reinit, "concepts": [_concept_dict(c) for c in self.concepts],
         }
 
 
@@ -117,6 +137,16 @@ def _num(data: Mapping, key: str, default, path: str, low=None, high=None, low_o
     if high is not None and value > high:
         raise JobError(path + key, f"must be <= {high:g}, got {value:g}")
     return value
+
+
+def _option(data: Mapping, key: str, read, *args):
+    """A top-level option; when only one mode reads it, its errors say which."""
+    try:
+        return read(data, key, *args)
+    except JobError as exc:
+        if key not in MODE_OF_OPTION:
+            raise
+        raise JobError(exc.field, f"{exc.problem} (a {MODE_OF_OPTION[key]}-mode option)") from None
 
 
 def _str(data: Mapping, key: str, default: str, path: str) -> str:
@@ -225,16 +255,27 @@ def parse_job(raw: Any) -> Job:
     job = Job(
         enabled=_bool(raw, "enabled", True, ""),
         mode=mode,
-        start_at=_num(raw, "start_at", 0.3, "", 0.0, 1.0),
-        layout_replay=_bool(raw, "layout_replay", True, ""),
-        self_attn_replay_until=_num(raw, "self_attn_replay_until", 0.4, "", 0.0, 1.0),
+        start_at=_num(raw, "start_at", None, "", 0.0, 1.0),
+        layout_replay=_option(raw, "layout_replay", _bool, True, ""),
+        self_attn_replay_until=_option(raw, "self_attn_replay_until", _num, 0.4, "", 0.0, 1.0),
         feather=_num(raw, "feather", 0.0, "", 0.0, 256.0),
         save_layout=_bool(raw, "save_layout", False, ""),
         refine_regions=_bool(raw, "refine_regions", False, ""),
         auto_grow=_num(raw, "auto_grow", 0.0, "", -MAX_GROW_PX, MAX_GROW_PX),
         hires_loras=_bool(raw, "hires_loras", True, ""),
+        isolation=_option(raw, "isolation", _bool, True, ""),
+        isolation_until=_option(raw, "isolation_until", _num, 1.0, "", 0.0, 1.0),
+        reinit=_option(raw, "reinit", _bool, False, ""),
         concepts=[_concept(c, i) for i, c in enumerate(concepts)],
     )
     if job.enabled and not job.concepts:
         raise JobError("concepts", "is empty: add at least one concept or disable Multi-Concept")
+    check_start(job)
     return job
+
+
+def check_start(job: Job) -> None:
+    """Regional mode finds automatic regions at start_at, from the steps before it: it needs some."""
+    if job.mode == "regional" and job.start_at == 0 and any(c.region.type == "auto" for c in job.concepts):
+        raise JobError("start_at", "automatic regions in regional mode are found at start_at: it must be > 0 "
+                                   "(leave it out for the default, 0.3)")

@@ -51,6 +51,13 @@ def test_empty_argument_means_disabled_and_unknown_keys_are_ignored():
     ({"concepts": [{"region": {"type": "mask"}}]}, r"concepts\[0\].region.png", "base64 PNG"),
     ({"concepts": [{"region": {"type": "mask", "png": " "}}]}, r"concepts\[0\].region.png", "draw this concept"),
     ({"concepts": [{"prompt": 5}]}, r"concepts\[0\].prompt", "must be text"),
+    ({"isolation_until": 2}, "isolation_until", r"must be <= 1, got 2 \(a regional-mode option\)$"),
+    ({"isolation": "on"}, "isolation", r"true or false, got 'on' \(a regional-mode option\)$"),
+    ({"reinit": 1}, "reinit", r"true or false, got 1 \(a regional-mode option\)$"),
+    ({"layout_replay": "no"}, "layout_replay", r"true or false, got 'no' \(a blend-mode option\)$"),
+    ({"self_attn_replay_until": -1}, "self_attn_replay_until", r"must be >= 0, got -1 \(a blend-mode option\)$"),
+    ({"mode": "regional", "start_at": 0, "concepts": [{"class_word": "woman", "region": {"type": "auto"}}]},
+     "start_at", "automatic regions in regional mode are found at start_at: it must be > 0"),
 ])
 def test_bad_fields_are_named(change, field, problem):
     with pytest.raises(JobError, match=f"^{field}: .*{problem}"):
@@ -107,3 +114,43 @@ def test_an_automatic_region_may_carry_the_box_to_search_in():
         parse_job({"concepts": [{**concept, "region": {"type": "auto", "x": 0.8, "w": 0.5}}]})
     with pytest.raises(JobError, match=r"concepts\[0\].region.h: must be > 0"):
         parse_job({"concepts": [{**concept, "region": {"type": "auto", "h": 0}}]})
+
+
+REGIONAL = {**EXAMPLE, "mode": "regional", "isolation": False, "isolation_until": 0.6, "reinit": True}
+
+
+def test_a_regional_job_and_its_options_parse_and_round_trip():
+    job = parse_job(REGIONAL)
+    assert (job.mode, job.isolation, job.isolation_until, job.reinit) == ("regional", False, 0.6, True)
+    assert parse_job(job.to_dict()) == job and parse_job(json.dumps(job.to_dict())) == job
+    plain = parse_job({"mode": "regional", "concepts": EXAMPLE["concepts"]})   # the regional defaults
+    assert (plain.isolation, plain.isolation_until, plain.reinit, plain.start_at) == (True, 1.0, False, None)
+    assert parse_job(plain.to_dict()) == plain
+
+
+def test_an_option_of_the_other_mode_is_accepted_and_kept():
+    regional = parse_job({**REGIONAL, "layout_replay": False, "self_attn_replay_until": 0.2})
+    assert not regional.layout_replay and regional.self_attn_replay_until == 0.2
+    blend = parse_job({**EXAMPLE, "isolation": False, "reinit": True})
+    assert blend.mode == "blend" and not blend.isolation and blend.reinit
+
+
+def test_start_at_left_out_means_the_modes_default():
+    auto = {"class_word": "woman", "region": {"type": "auto"}}
+    blend = parse_job({"concepts": [auto]})
+    assert blend.start_at is None and blend.start_fraction(True) == blend.start_fraction(False) == 0.3
+    regional = parse_job({"mode": "regional", "concepts": [EXAMPLE["concepts"][0]]})
+    assert regional.start_fraction(False) == 0.0 and regional.start_fraction(True) == 0.3
+    found = parse_job({"mode": "regional", "concepts": [auto]})   # found at 0.3 unless told otherwise
+    assert found.start_at is None and found.start_fraction(True) == 0.3
+    given = parse_job({"mode": "regional", "start_at": 0.45, "concepts": [auto]})
+    assert given.start_fraction(True) == given.start_fraction(False) == 0.45
+    # drawn regions in regional mode, or blend mode, may start at 0
+    assert parse_job({**REGIONAL, "start_at": 0}).start_fraction(False) == 0.0
+    assert parse_job({"start_at": 0, "concepts": [auto]}).start_fraction(True) == 0.0
+
+
+def test_an_old_job_with_start_at_reads_as_before():
+    job = parse_job(EXAMPLE)   # "start_at": 0.3 written out, as every job before the modes
+    assert job.start_at == 0.3 and job.start_fraction(False) == 0.3 and job.to_dict()["start_at"] == 0.3
+    assert parse_job({**EXAMPLE, "start_at": 0.55}).start_at == 0.55

@@ -10,7 +10,7 @@ import copy
 import json
 
 from .errors import MultiConceptError
-from .job import Job, parse_job
+from .job import DEFAULT_START, MODE_OF_OPTION, Job, parse_job
 from .regions import compact_mask
 
 KEY = "Multi-Concept"
@@ -20,9 +20,11 @@ _DEFAULTS = Job()
 def job_to_infotext(job: Job) -> str:
     data = job.to_dict()
     for key in ("mode", "start_at", "layout_replay", "self_attn_replay_until", "feather", "save_layout",
-                "refine_regions", "auto_grow", "hires_loras"):
-        if data[key] == getattr(_DEFAULTS, key):
-            del data[key]
+                "refine_regions", "auto_grow", "hires_loras", "isolation", "isolation_until", "reinit"):
+        if data[key] == getattr(_DEFAULTS, key) or MODE_OF_OPTION.get(key, job.mode) != job.mode:
+            del data[key]   # a default, or an option the job's mode does not read
+    if job.mode == "blend" and job.start_at == DEFAULT_START:
+        del data["start_at"]   # what blend reads when it is left out (the same text as before modes)
     del data["enabled"]   # present in the infotext = it was on
     for i, concept in enumerate(data["concepts"]):
         for key in ("prompt", "negative_prompt", "class_word"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..job import MODES, Job, parse_job
+
 XYZ_ATTR = "multi_concept_xyz"
 
 
@@ -17,6 +19,21 @@ def _to_bool(value) -> bool:
     return str(value).strip().lower() in ("true", "1", "yes", "on", "enabled")
 
 
+def _to_mode(value) -> str:
+    """A mode as the axis lists it, any case; anything else is left for the job to name."""
+    text = str(value).strip().lower()
+    return text if text in MODES else str(value)
+
+
+def apply_overrides(job: Job, overrides: dict) -> Job:
+    """The job with the axis values of one cell, checked as a job is: a bad value (a mode that
+    does not exist, regional mode with an automatic region and start_at 0) stops the job naming
+    its field, like the same value in the panel or the API."""
+    if not overrides:
+        return job
+    return parse_job({**job.to_dict(), **overrides})
+
+
 def axis_specs():
     """(label, type, apply, choices) per axis; kept plain so tests can check them."""
     return [
@@ -27,6 +44,12 @@ def axis_specs():
         ("[Multi-Concept] Keep the layout's shapes until", float, _setter("self_attn_replay_until", float), None),
         ("[Multi-Concept] Mask feather", float, _setter("feather", float), None),
         ("[Multi-Concept] Grow automatic regions (px)", float, _setter("auto_grow", float), None),
+        ("[Multi-Concept] Mode", str, _setter("mode", _to_mode), lambda: list(MODES)),
+        ("[Multi-Concept] Concept isolation (regional)", str, _setter("isolation", _to_bool),
+         lambda: ["True", "False"]),
+        ("[Multi-Concept] Isolation until (regional)", float, _setter("isolation_until", float), None),
+        ("[Multi-Concept] Re-initialise latents (regional)", str, _setter("reinit", _to_bool),
+         lambda: ["True", "False"]),
     ]
 
 

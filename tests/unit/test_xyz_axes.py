@@ -2,7 +2,10 @@
 
 from types import SimpleNamespace
 
-from lib_mc.hosts.webui_xyz import XYZ_ATTR, axis_specs
+import pytest
+
+from lib_mc.hosts.webui_xyz import XYZ_ATTR, apply_overrides, axis_specs
+from lib_mc.job import JobError, parse_job
 
 
 def test_axes_cover_enabled_and_start_at_and_accumulate_overrides():
@@ -14,3 +17,29 @@ def test_axes_cover_enabled_and_start_at_and_accumulate_overrides():
     specs["[Multi-Concept] Grow automatic regions (px)"][1](p, "-8", None)
     assert getattr(p, XYZ_ATTR) == {"start_at": 0.45, "enabled": False, "layout_replay": True, "auto_grow": -8.0}
     assert specs["[Multi-Concept] Enabled"][2]() == ["True", "False"]
+
+
+def test_regional_axes_set_the_mode_and_its_options():
+    specs = {label: (kind, apply, choices) for label, kind, apply, choices in axis_specs()}
+    p = SimpleNamespace()
+    specs["[Multi-Concept] Mode"][1](p, "Regional", None)
+    specs["[Multi-Concept] Concept isolation (regional)"][1](p, "False", None)
+    specs["[Multi-Concept] Isolation until (regional)"][1](p, "0.6", None)
+    specs["[Multi-Concept] Re-initialise latents (regional)"][1](p, "True", None)
+    overrides = getattr(p, XYZ_ATTR)
+    assert overrides == {"mode": "regional", "isolation": False, "isolation_until": 0.6, "reinit": True}
+    assert specs["[Multi-Concept] Mode"][2]() == ["blend", "regional"]
+    assert specs["[Multi-Concept] Concept isolation (regional)"][2]() == ["True", "False"]
+    job = apply_overrides(parse_job({"concepts": [{"name": "a"}]}), overrides)
+    assert (job.mode, job.isolation, job.isolation_until, job.reinit) == ("regional", False, 0.6, True)
+
+
+def test_an_axis_value_is_checked_as_the_job_checks_it():
+    auto = parse_job({"start_at": 0, "concepts": [{"name": "a", "class_word": "man", "region": {"type": "auto"}}]})
+    assert apply_overrides(auto, {}) is auto
+    with pytest.raises(JobError, match="^start_at: automatic regions in regional mode are found at start_at"):
+        apply_overrides(auto, {"mode": "regional"})
+    with pytest.raises(JobError, match="^mode: must be one of blend, regional, got 'mixed'"):
+        apply_overrides(auto, {"mode": "mixed"})
+    with pytest.raises(JobError, match=r"^isolation_until: must be <= 1, got 1.5 \(a regional-mode option\)"):
+        apply_overrides(auto, {"isolation_until": 1.5})

@@ -29,6 +29,7 @@ from typing import Callable
 
 import gradio as gr
 
+from ..job import MODES
 from . import compat
 from .panel_state import (CONCEPT_FIELDS, MAX_UI_CONCEPTS, REGION_CHOICES, TOP_FIELDS, add_lora, apply_canvas,
                           compose, decompose, default_values, shown_fields)
@@ -110,8 +111,8 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
         with gr.Row():
             enabled = unsaved(gr.Checkbox(top["enabled"], label="Enable", elem_id=f"{ELEM}_enabled",
                                           info="Each concept's LoRAs and prompt apply only in its region"))
-            mode = unsaved(gr.Dropdown(["blend"], value=top["mode"], label="Mode", elem_id=f"{ELEM}_mode",
-                                       info="blend: layout pass, then concepts blended in"))
+            mode = unsaved(gr.Dropdown(list(MODES), value=top["mode"], label="Mode", elem_id=f"{ELEM}_mode",
+                                       info="blend: two passes; regional: one pass"))
             count = unsaved(gr.Slider(1, MAX_UI_CONCEPTS, top["count"], step=1, label="Concepts",
                                       elem_id=f"{ELEM}_count", info="How many to place"))
         gr.HTML(f'<div id="{ELEM}_canvas_slot" class="mc-canvas-slot"></div>')   # the region canvas mounts here
@@ -122,28 +123,40 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
                 start = len(TOP_FIELDS) + i * len(CONCEPT_FIELDS)
                 concepts.append(_concept_tab(i, defaults[start:start + len(CONCEPT_FIELDS)], choices))
         # The folded options: labels unique to this panel, so they may keep saved UI defaults.
+        # An option one mode reads says which in its label; the other mode ignores it.
         with gr.Accordion("Options", open=False, elem_id=f"{ELEM}_options"):
             with gr.Row():
-                start_at = gr.Slider(0, 1, top["start_at"], step=0.05, label="Start blending at",
-                                     elem_id=f"{ELEM}_start_at",
-                                     info="Fraction of steps. Earlier: stronger likeness; later: closer to the layout")
-                self_until = gr.Slider(0, 1, top["self_attn_replay_until"], step=0.05,
-                                       label="Keep the layout's shapes until", elem_id=f"{ELEM}_self_until",
-                                       info="Fraction of steps with self-attention replay in low-res layers")
-            with gr.Row():
+                # text, not a number box or slider: empty must be possible (a number box never sends it)
+                start_at = gr.Textbox(top["start_at"], label="Concepts start at", elem_id=f"{ELEM}_start_at",
+                                      lines=1, max_lines=1, min_width=160, placeholder="mode default",
+                                      info="Fraction of steps, e.g. 0.3. Empty: the mode's default (blend 0.3; "
+                                           "regional 0, or 0.3 with automatic regions)")
                 feather = gr.Slider(0, 64, top["feather"], step=1, label="Mask feather (px)",
                                     elem_id=f"{ELEM}_feather", info="Softens region edges")
                 auto_grow = gr.Slider(-MAX_GROW_SLIDER, MAX_GROW_SLIDER, top["auto_grow"], step=1,
                                       label="Grow automatic regions (px)", elem_id=f"{ELEM}_auto_grow",
                                       info="Found masks grow (> 0) or shrink (< 0): room for hair, hats, outlines")
             with gr.Row():
-                layout_replay = gr.Checkbox(top["layout_replay"], label="Keep the layout (attention replay)",
+                layout_replay = gr.Checkbox(top["layout_replay"], label="Layout replay (blend)",
                                             elem_id=f"{ELEM}_layout_replay",
                                             info="The base prompt follows the layout pass's attention")
+                self_until = gr.Slider(0, 1, top["self_attn_replay_until"], step=0.05,
+                                       label="Keep the layout's shapes until (blend)", elem_id=f"{ELEM}_self_until",
+                                       info="Fraction of steps with self-attention replay in low-res layers")
+            with gr.Row():
+                isolation = gr.Checkbox(top["isolation"], label="Concept isolation (regional)",
+                                        elem_id=f"{ELEM}_isolation",
+                                        info="Regions do not see each other in self-attention")
+                isolation_until = gr.Slider(0, 1, top["isolation_until"], step=0.05,
+                                            label="Isolation until (regional)", elem_id=f"{ELEM}_isolation_until",
+                                            info="Fraction of steps with concept isolation")
+                reinit = gr.Checkbox(top["reinit"], label="Re-initialise latents (regional)",
+                                     elem_id=f"{ELEM}_reinit",
+                                     info="Starting noise re-drawn per region (class word)")
+            with gr.Row():
                 refine = gr.Checkbox(top["refine_regions"], label="Refine automatic regions while sampling",
                                      elem_id=f"{ELEM}_refine",
                                      info="Auto regions follow their subjects (self-attention segments)")
-            with gr.Row():
                 hires_loras = gr.Checkbox(top["hires_loras"], label="Concepts in the hires pass",
                                           elem_id=f"{ELEM}_hires_loras",
                                           info="Hires fix: each concept's LoRAs act in its region again")
@@ -154,7 +167,7 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
         paste_box = gr.Textbox("", visible=False, elem_id=f"{ELEM}_paste")
 
     controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, refine, auto_grow,
-                hires_loras, count, canvas]
+                hires_loras, isolation, isolation_until, reinit, count, canvas]   # TOP_FIELDS order
     controls += [c for concept in concepts for c in concept.values]
     compat.value_when_served(job, lambda: compose(*(c.value for c in controls)))
     _wire(controls, job, paste_box, count, concepts, refresh_lora_names or lora_names)

@@ -21,8 +21,10 @@ from ..regions import PRESETS
 
 MAX_UI_CONCEPTS = 6
 TOP_FIELDS = ("enabled", "mode", "start_at", "layout_replay", "self_attn_replay_until", "feather",
-              "save_layout", "refine_regions", "auto_grow", "hires_loras", "count", "canvas")
-NUMBER_FIELDS = ("start_at", "self_attn_replay_until", "feather", "auto_grow")
+              "save_layout", "refine_regions", "auto_grow", "hires_loras", "isolation", "isolation_until", "reinit",
+              "count", "canvas")
+JOB_OPTIONS = TOP_FIELDS[:TOP_FIELDS.index("count")]   # the controls that are the job's own top-level keys
+NUMBER_FIELDS = ("self_attn_replay_until", "feather", "auto_grow", "isolation_until")
 CONCEPT_FIELDS = ("name", "loras", "prompt", "negative_prompt", "class_word", "region", "x", "y", "w", "h",
                   "mask")
 DRAWN = "drawn"   # region control value: the region comes from the canvas
@@ -35,8 +37,8 @@ DEFAULT_PRESETS = ["left half", "right half", "middle third", "full", "full", "f
 
 def default_values() -> list:
     job = Job()
-    top = [False, job.mode, job.start_at, job.layout_replay, job.self_attn_replay_until, job.feather,
-           job.save_layout, job.refine_regions, job.auto_grow, job.hires_loras, 2, ""]
+    top = [False] + [getattr(job, key) for key in JOB_OPTIONS[1:]] + [2, ""]
+    top[TOP_FIELDS.index("start_at")] = start_text(job.start_at)
     rows = []
     for i in range(MAX_UI_CONCEPTS):
         rows += [f"concept {i + 1}", "", "", "", "", DEFAULT_PRESETS[i], 0.0, 0.0, 1.0, 1.0, None]
@@ -47,6 +49,27 @@ def shown_fields(kind: str) -> dict[str, bool]:
     """Which of a concept's region-dependent fields its region kind needs on screen: the numbers
     for a typed rectangle, the upload for a mask, the class word for automatic regions."""
     return {"box": kind in BOX_KINDS, "mask": kind == "mask", "class_word": kind in AUTO_KINDS}
+
+
+def start_text(start_at: float | None) -> str:
+    """start_at as its text box shows it: empty for the mode's default."""
+    if start_at is None:
+        return ""
+    return f"{start_at:g}" if float(f"{start_at:g}") == start_at else repr(start_at)
+
+
+def start_value(text):
+    """The start box -> the job's start_at: None when empty (the mode's default), the number
+    typed, or the text itself when it is no number, for the job to name (`start_at: must be a number`)."""
+    if text is None or isinstance(text, (int, float)) and not isinstance(text, bool):
+        return None if text is None else float(text)
+    text = str(text).strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def format_loras(loras) -> str:
@@ -145,6 +168,9 @@ def compose(*values) -> str:
     for key in NUMBER_FIELDS:   # sliders send 6 or 6.0 alike: one spelling in the JSON
         if isinstance(top[key], (int, float)) and not isinstance(top[key], bool):
             top[key] = float(top[key])
+    top["start_at"] = start_value(top["start_at"])
+    if top["start_at"] is None:
+        del top["start_at"]   # an empty box: the mode's default
     z = z[:count] if len(z) >= count and None not in z[:count] else []
     if z == sorted(z) and len(set(z)) == len(z):
         z = []   # list order already is the front-to-back order: keep the JSON plain
@@ -246,8 +272,8 @@ def decompose(text: str) -> list | None:
     z = [c.z for c in shown] if any(c.z is not None for c in shown) else []
     if None in z:   # partly given: an unranked concept ranks by its list index, as in the plan
         z = [c.z if c.z is not None else i for i, c in enumerate(shown)]
-    values = [job.enabled, job.mode, job.start_at, job.layout_replay, job.self_attn_replay_until, job.feather,
-              job.save_layout, job.refine_regions, job.auto_grow, job.hires_loras, len(shown), canvas_text(drawn, z)]
+    values = [getattr(job, key) for key in JOB_OPTIONS] + [len(shown), canvas_text(drawn, z)]
+    values[TOP_FIELDS.index("start_at")] = start_text(job.start_at)
     defaults = default_values()
     for i in range(MAX_UI_CONCEPTS):
         if i >= len(job.concepts):

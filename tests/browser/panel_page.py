@@ -40,6 +40,11 @@ def panel_height(page) -> float:
     return page.locator(PANEL).bounding_box()["height"]
 
 
+def start_box(page):
+    """The Concepts start at box (a one-line textbox: gradio renders an input or a textarea)."""
+    return page.locator(f"{PANEL}_start_at").locator("input, textarea").first
+
+
 def show_tab(page, i: int):
     """Shows concept i's tab (0-based)."""
     button = page.locator(f"{PANEL}_tabs .tab-nav button", has_text=re.compile(rf"^\s*Concept {i + 1}\s*$"))
@@ -109,11 +114,24 @@ def edit_every_kind_of_control(page, tmp_path, lora: str | None):
         act()
         wait_for_job(page, condition)
         assert job_in_page(page)["concepts"][0] == first, condition
+    pick(page, "multi_concept_mode", "regional")
+    wait_for_job(page, "job.mode === 'regional'")
     page.locator(f"{PANEL}_options .label-wrap").first.click()
-    fill_number(page, "multi_concept_start_at", 0.45)
+    start = start_box(page)
+    start.fill("0.45")
+    wait_for_job(page, "job.start_at === 0.45")
+    start.fill("")   # emptied: the mode's default, left out of the job
+    wait_for_job(page, "!('start_at' in job)")
+    start.fill("0.45")
     wait_for_job(page, "job.start_at === 0.45")
     page.locator(f"{PANEL}_hires_loras input").uncheck()
     wait_for_job(page, "job.hires_loras === false")
+    page.locator(f"{PANEL}_isolation input[type=checkbox]").uncheck()
+    wait_for_job(page, "job.isolation === false")
+    fill_number(page, "multi_concept_isolation_until", 0.6)
+    wait_for_job(page, "job.isolation_until === 0.6")
+    page.locator(f"{PANEL}_reinit input[type=checkbox]").check()
+    wait_for_job(page, "job.reinit === true")
     page.locator(f"{PANEL}_options .label-wrap").first.click()   # folded again
     job = job_in_page(page)
     assert job["concepts"][0] == first and job["concepts"][1]["name"] == "bob"

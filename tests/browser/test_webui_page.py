@@ -17,7 +17,7 @@ import pathlib
 import pytest
 
 from panel_page import (MAX_HEIGHT, PANEL, edit_every_kind_of_control, job_in_page, open_panel, panel_height,
-                        show_tab, wait_for_job, wait_until)
+                        show_tab, start_box, wait_for_job, wait_until)
 
 ADDRESS_VARIABLE = "MULTI_CONCEPT_WEBUI_PAGE"
 CONFIG_VARIABLE = "MULTI_CONCEPT_WEBUI_UI_CONFIG"
@@ -148,19 +148,17 @@ def test_saved_ui_defaults_come_back_into_the_options_and_never_into_the_concept
                       "txt2img/Concept prompt/value": "concept 1's prompt", "txt2img/Name/value": "concept 1"})
         pathlib.Path(path).write_text(json.dumps(saved, indent=4), encoding="utf8")
         webui.locator(f"{PANEL}_options .label-wrap").first.click()
-        box = webui.locator(f"{PANEL}_start_at input[type=number]")
-        box.fill("0.55")
-        box.press("Enter")
+        start_box(webui).fill("0.55")
         wait_for_job(webui, "job.start_at === 0.55")
         webui.locator("#ui_defaults_apply").dispatch_event("click")
         written = lambda: json.loads(pathlib.Path(path).read_text(encoding="utf8"))  # noqa: E731
-        wait_until(webui, lambda: written().get("txt2img/Start blending at/value") == 0.55,
+        wait_until(webui, lambda: written().get("txt2img/Concepts start at/value") == 0.55,
                    "Settings -> Defaults -> Apply wrote the option", timeout_ms=60000)
         reload_ui(webui, address)
         job = assert_page_shows_the_job(webui)
         assert job["start_at"] == 0.55 and not any(c["prompt"] for c in job["concepts"])
         webui.locator(f"{PANEL}_options .label-wrap").first.click()
-        assert webui.locator(f"{PANEL}_start_at input[type=number]").input_value() == "0.55"
+        assert start_box(webui).input_value() == "0.55"
     finally:
         pathlib.Path(path).write_text(original, encoding="utf8")
         reload_ui(webui, address)

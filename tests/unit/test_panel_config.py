@@ -94,12 +94,15 @@ def problems() -> list[str]:
     found += [f"{n} controls restored from one key: {key}" for key, n in counts.items() if n > 1]
     # a saved ui-config.json (old keys of per-concept controls included): the job the page
     # starts with is what its controls show
-    restore(demo, {"txt2img/Start blending at/value": 0.55, "txt2img/Concepts in the hires pass/value": False,
+    restore(demo, {"txt2img/Concepts start at/value": "0.55", "txt2img/Concepts in the hires pass/value": False,
+                   "txt2img/Concept isolation (regional)/value": False, "txt2img/Isolation until (regional)/value": 0.4,
                    "txt2img/Region/value": "centre", "txt2img/x/value": 0.25, "txt2img/Concepts/value": 4,
                    "txt2img/Concept prompt/value": "concept 1's prompt"})
     job = served_job(demo, panel)
     shown = {key: component.value for key, component, field in walk(demo) if field == "value"}
-    if job["start_at"] != shown.get("txt2img/Start blending at/value") or job["hires_loras"] is not False:
+    if shown.get("txt2img/Concepts start at/value") != "0.55" or job.get("start_at") != 0.55 \
+            or job["hires_loras"] is not False \
+            or job["isolation"] is not False or job["isolation_until"] != 0.4:
         found.append(f"the page's job does not hold the restored options: {job}")
     parsed = parse_job(job)
     if len(parsed.concepts) != 2 or [c.region.x for c in parsed.concepts] != [0, 0.5] or parsed.concepts[1].prompt:

@@ -29,3 +29,18 @@ def test_panel_builds_when_the_lora_list_fails():
     with gr.Blocks():
         panel = build_panel(broken)
     assert parse_job(panel.job.value).mode == "blend"
+
+
+def test_the_mode_offers_blend_and_regional_and_a_one_mode_option_says_which():
+    from lib_mc.job import MODE_OF_OPTION, MODES
+    from lib_mc.ui.panel_state import TOP_FIELDS
+    with gr.Blocks():
+        panel = build_panel(lambda: [])
+    control = dict(zip(TOP_FIELDS, panel.controls))
+    offered = [c[0] if isinstance(c, (tuple, list)) else c for c in control["mode"].choices]   # gradio 4: pairs
+    assert offered == list(MODES) == ["blend", "regional"]
+    for key in TOP_FIELDS:
+        mode = MODE_OF_OPTION.get(key)
+        label = control[key].label or ""
+        assert (f"({mode})" in label) if mode else not any(f"({m})" in label for m in MODES), (key, label)
+    assert control["start_at"].value == "" and "mode's default" in control["start_at"].info

@@ -234,3 +234,39 @@ def test_switching_a_boxed_automatic_region_to_drawn_makes_its_box_a_drawn_recta
                                                  {"type": "rect", "x": 0.5, "y": 0, "w": 0.5, "h": 1}])
     region = parse_job(compose(*values)).concepts[0].region
     assert region.type == "rect" and (region.x, region.y, region.w, region.h) == (0.1, 0.2, 0.3, 0.7)
+
+
+def test_regional_mode_and_its_options_reach_the_job_and_come_back_on_paste():
+    values = default_values()
+    assert values[TOP_FIELDS.index("start_at")] == ""   # the box starts empty: the mode's default
+    values[TOP_FIELDS.index("enabled")] = True
+    values[TOP_FIELDS.index("mode")] = "regional"
+    values[TOP_FIELDS.index("isolation")] = False
+    values[TOP_FIELDS.index("isolation_until")] = 1   # a slider may send an int
+    values[TOP_FIELDS.index("reinit")] = True
+    text = compose(*values)
+    data = json.loads(text)
+    assert (data["mode"], data["isolation"], data["isolation_until"], data["reinit"]) == ("regional", False, 1.0, True)
+    assert "start_at" not in data   # empty box: left to the mode
+    job = parse_job(text)
+    assert job.mode == "regional" and job.start_at is None and job.start_fraction(False) == 0.0
+    back = decompose(text)
+    assert back[TOP_FIELDS.index("mode")] == "regional" and back[TOP_FIELDS.index("start_at")] == ""
+    assert (back[TOP_FIELDS.index("isolation")], back[TOP_FIELDS.index("reinit")]) == (False, True)
+    assert compose(*back) == text
+    values[TOP_FIELDS.index("start_at")] = " 0.25 "   # typed: kept as given
+    assert parse_job(compose(*values)).start_at == 0.25 and decompose(compose(*values))[TOP_FIELDS.index("start_at")] == "0.25"
+    values[TOP_FIELDS.index("start_at")] = "soon"   # no number: the job names it
+    with pytest.raises(JobError, match="^start_at: must be a number, got 'soon'"):
+        parse_job(compose(*values))
+
+
+def test_regional_automatic_regions_with_a_start_of_zero_are_refused_by_name():
+    values = default_values()
+    values[TOP_FIELDS.index("mode")] = "regional"
+    values[TOP_FIELDS.index("start_at")] = "0"
+    set_row(values, 0, region="auto", class_word="woman")
+    with pytest.raises(JobError, match="^start_at: automatic regions in regional mode are found at start_at"):
+        parse_job(compose(*values))
+    values[TOP_FIELDS.index("start_at")] = ""
+    assert parse_job(compose(*values)).start_fraction(True) == 0.3

@@ -88,6 +88,7 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
     prepared_concepts, warnings, skipped = [], [], []
     prompts = list(base_prompts) if base_prompts and len(set(base_prompts)) > 1 else [base_prompt]
     auto_tokens = _auto_tokens(job, prompts, services)
+    class_tokens = _class_tokens(job, prompts[0], services, warnings) if job.mode == "regional" and job.reinit else {}
     cache = networks_cache if networks_cache is not None else {}
     for i, spec in enumerate(job.concepts):
         where = f"concepts[{i}]"
@@ -129,13 +130,16 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
                       auto_box=_box(spec.region), auto_tokens_per_image=auto_tokens[i][2]) \
             if i in auto_tokens else \
             dict(mask=region_mask(spec.region, image_hw, f"{where}.region"))
-        prepared_concepts.append(dict(name=spec.name, cond=cond, uncond=uncond, loras=uses, z=spec.z, **region))
+        prepared_concepts.append(dict(name=spec.name, cond=cond, uncond=uncond, loras=uses, z=spec.z,
+                                      class_tokens=class_tokens.get(i), **region))
     for message in warnings:
         warn(f"[Multi-Concept] {message}")
     try:
-        plan = build_plan(prepared_concepts, image_hw, start_at=job.start_at, layout_replay=job.layout_replay,
-                          self_attn_replay_until=job.self_attn_replay_until, feather=job.feather,
-                          refine_every=REFINE_EVERY if job.refine_regions else 0, auto_grow=job.auto_grow)
+        plan = build_plan(prepared_concepts, image_hw, start_at=job.start_fraction(bool(auto_tokens)),
+                          layout_replay=job.layout_replay, self_attn_replay_until=job.self_attn_replay_until,
+                          feather=job.feather, refine_every=REFINE_EVERY if job.refine_regions else 0,
+                          auto_grow=job.auto_grow, isolation=job.isolation, isolation_until=job.isolation_until,
+                          reinit=job.reinit)
     except PlanError as exc:
         if isinstance(exc, JobError):
             raise
@@ -181,6 +185,23 @@ def _auto_tokens(job: Job, prompts: list[str], services: HostServices
     per_image = len(prompts) > 1
     return {i: (picked_per_image[0][slot], groups_per_image[0][slot],
                 [p[slot] for p in picked_per_image] if per_image else None) for slot, i in enumerate(auto)}
+
+
+def _class_tokens(job: Job, prompt: str, services: HostServices, warnings: list[str]) -> dict[int, list[int]]:
+    """Concept index -> positions of its class word in the main prompt, for the drawn concepts
+    that latent re-initialisation moves (a concept without one keeps its noise, with a warning)."""
+    found = {}
+    for i, spec in enumerate(job.concepts):
+        if spec.region.type == "auto":
+            continue   # its region is found later in the pass
+        word = spec.class_word.strip()
+        positions = services.word_positions(prompt, word) if word and hasattr(services, "word_positions") else []
+        if positions:
+            found[i] = positions[0]
+        else:
+            warnings.append(f"re-initialisation: concept {spec.name!r} keeps its noise (give it a class word "
+                            "that is in the main prompt to move it)")
+    return found
 
 
 def _per_image(services: HostServices, prompts: list[str], loras) -> Conditioning:

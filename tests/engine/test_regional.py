@@ -519,3 +519,59 @@ def test_split_cond_and_uncond_calls_give_the_batched_calls_rows(world):
     plain = model_fn_of(world["ldm"])(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                       {"c_crossattn": torch.cat([cond, uncond])})
     assert (batched - plain).abs().max() > 1e-2
+
+
+# ---- Forge's routing: the same regional result as A1111's path ------------------------------------
+
+def forge_regional_call(world, plan, x, sigma):
+    """One call through forge_routing as Forge makes it (rows [uncond, cond], attention through
+    replace patches with projected q, k, v); returned in the engine's [cond, uncond] order."""
+    from test_forge_routing import PatcherOptions, forge_block_attention, host_attention
+
+    from lib_mc.hosts.forge_routing import install_attention, make_unet_wrapper
+    batch = x.shape[0]
+    session = make_session("regional", world["unet"], plan, attention_on_modules=False)
+    patcher = PatcherOptions()
+    install_attention(patcher, session, host_attention)
+    denoiser = CompVisDenoiser(world["ldm"])
+
+    def apply_model(xx, tt, c_crossattn=None, transformer_options=None, control=None, **kwargs):
+        return denoiser(xx, tt, cond={"c_crossattn": c_crossattn})
+    args = {"input": torch.cat([x, x]), "timestep": torch.cat([sigma, sigma]), "cond_or_uncond": [1, 0],
+            "c": {"c_crossattn": torch.cat([world["uncond"].expand(batch, -1, -1), world["cond"].expand(batch, -1, -1)]),
+                  "transformer_options": {"sigmas": sigma}, "control": None}}
+    with torch.no_grad(), forge_block_attention(world["unet"], patcher), session.single_pass():
+        out = make_unet_wrapper(session, step=lambda: 0, total_steps=lambda: 1)(apply_model, args)
+    assert unpatched(world["unet"])
+    return torch.cat([out[batch:], out[:batch]])
+
+
+def quadrants(world, **options):
+    # every region edge on a cell edge of every grid (16, 8, 4 and 2): no cell is shared
+    top_right = torch.zeros(IMAGE)
+    top_right[:64, 64:] = 1
+    return build_plan([dict(name="alice", cond=world["alice_cond"], loras=[(world["alice"], 0.8)], mask=columns(0, 64)),
+                       dict(name="bob", cond=world["bob_cond"], loras=[(world["bob"], 1.0)], mask=top_right)],
+                      IMAGE, start_at=0.0, **options)
+
+
+@pytest.mark.parametrize("plan_of", [
+    quadrants,
+    pytest.param(two_concepts, marks=pytest.mark.xfail(strict=True, reason=(
+        "engine bug: on Forge, regional_attend's cross-attention branches reuse the host-projected q "
+        "and the host's to_out, both under the region-weighted LoRA (sum_j w_j delta_j), while the A1111 "
+        "path projects q and to_out per branch (main: no concept LoRA, branch i: concept i's); the two "
+        "differ wherever a cell's weight is fractional (coarse grids at region edges, feather, overlaps)"))),
+], ids=["edges on every grid", "fractional cells"])
+def test_forge_routing_gives_the_a1111_paths_regional_result(world, plan_of):
+    gen = torch.Generator().manual_seed(5)
+    x, sigma = torch.randn((2, 4, 16, 16), generator=gen) * 3, torch.full((2,), 3.0)
+    cond = {"c_crossattn": torch.cat([world["cond"].expand(2, -1, -1), world["uncond"].expand(2, -1, -1)])}
+    session = make_session("regional", world["unet"], plan_of(world))
+    with torch.no_grad(), session.single_pass():
+        a1111 = session.denoise(model_fn_of(world["ldm"]), torch.cat([x, x]), torch.cat([sigma, sigma]), cond,
+                                n_cond=2, step=0, total_steps=1)
+    forge = forge_regional_call(world, plan_of(world), x, sigma)
+    torch.testing.assert_close(forge, a1111, atol=1e-4, rtol=1e-4)
+    plain = model_fn_of(world["ldm"])(torch.cat([x, x]), torch.cat([sigma, sigma]), cond)
+    assert (a1111 - plain).abs().max() > 1e-2

@@ -142,9 +142,20 @@ def test_a_concepts_lora_changes_nothing_outside_its_region_in_the_first_layer_i
     assert (inside - inside_ref).abs().min() > 0 and (inside - inside_ref).abs().max() > 1e-2
 
 
-def test_two_disjoint_concepts_get_their_own_lora_and_prompt_in_every_layer_they_touch(world):
+def overlapping(world):
+    # alice (in front, z) over bob where they overlap, feathered edges: fractional weights everywhere near them
+    return build_plan([
+        dict(name="alice", cond=world["alice_cond"], loras=[(world["alice"], 0.8)], mask=columns(0, 80), z=1.0),
+        dict(name="bob", cond=world["bob_cond"], loras=[(world["bob"], 1.0)], mask=columns(40, 128), z=0.0),
+    ], IMAGE, start_at=0.0, feather=12.0)
+
+
+# three cross-attention layers at each of 16 x 16, 8 x 8, 4 x 4: both concepts' whole cells
+@pytest.mark.parametrize("plan_of, whole_cells", [(two_concepts, 3 * (2 * 96 + 2 * 24 + 2 * 4)), (overlapping, None)],
+                         ids=["disjoint", "overlapping, feathered"])
+def test_each_concept_gets_its_own_lora_and_prompt_in_every_layer_it_touches(world, plan_of, whole_cells):
     unet = world["unet"]
-    plan = two_concepts(world)
+    plan = plan_of(world)
     names = [n for n, _ in unet.named_modules() if n.endswith("attn2")]
     calls = {}
 
@@ -192,8 +203,11 @@ def test_two_disjoint_concepts_get_their_own_lora_and_prompt_in_every_layer_they
                 checked_exact += int(exact.sum())
                 # not vacuous: the concept's LoRA and prompt change these tokens (none whole at 2 x 2)
                 assert not exact.any() or (per_source[k][:, exact] - per_source[0][:, exact]).abs().max() > 1e-3, name
-    # three cross-attention layers at each of 16 x 16, 8 x 8, 4 x 4: both concepts' whole cells
-    assert checked_exact == 3 * (2 * 96 + 2 * 24 + 2 * 4)
+    assert checked_exact == whole_cells or whole_cells is None
+    if whole_cells is None:   # the front-to-back weights: alice in front where both are, the sum 1
+        weights = plan.regions.latent
+        assert weights[1, 0, 7] == 1 and weights[2, 0, 7] == 0 and 0 < weights[2, 0, 9] < 1
+        assert ((weights > 0) & (weights < 1)).any(0).sum() >= 16 * 4
     with torch.no_grad():
         for name in spatial:   # y + sum_i w_i delta_i(x) = sum_k w_k * layer_k(x), layer_0 the plain one
             x, out = calls[name]
@@ -353,6 +367,20 @@ def test_regional_runs_as_many_unet_rows_as_plain_for_any_number_of_concepts(wor
     assert (rows.count - plain_rows, rows.calls - plain_calls) == (plain_rows, plain_calls)
     assert session.stats.unet_rows == plain_rows and session.stats.probe_rows == 0
     assert (out - plain).abs().max() > 1e-2   # the concepts acted
+
+
+def test_concepts_act_from_start_at_and_isolation_stops_at_isolation_until(world):
+    unet = world["unet"]
+    session = make_session("regional", unet, two_concepts(world, start_at=0.25, isolation_until=0.75))
+    seen = []
+    handle = unet.register_forward_pre_hook(
+        lambda m, args: seen.append(None if session.run.call is None else session.run.call.isolate))
+    try:
+        regional_sample(world, session, world["cond"], world["uncond"], sampler="euler", steps=4, seed=2)
+    finally:
+        handle.remove()
+    # step 0 plain (no regional call in flight); steps 1-2 isolated; step 3 not
+    assert seen == [None, True, True, False]
 
 
 # ---- 6. automatic regions in the same pass ---------------------------------------------------

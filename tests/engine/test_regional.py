@@ -109,6 +109,43 @@ def test_sdxl_a_whole_image_concept_with_the_main_prompt_equals_its_lora_merged(
     assert unpatched(unet)
 
 
+def write_downsampler_locon(path, unet, seed=12, rank=4, alpha=2.0, strength=0.3):
+    """A kohya LoCon's part on the UNet's stride-2 downsampling convs (kohya trains them with
+    conv_dim: `down_blocks_N_downsamplers_0_conv`), in the real file format."""
+    from safetensors.torch import save_file
+    gen = torch.Generator().manual_seed(seed)
+    state, parts = {}, {}
+    for name, module in unet.named_modules():
+        if name.endswith(".op") and isinstance(module, torch.nn.Conv2d):
+            down = torch.randn((rank, module.weight.shape[1], 3, 3), generator=gen) * strength
+            up = torch.randn((module.weight.shape[0], rank, 1, 1), generator=gen) * strength
+            key = "lora_unet_" + name.replace(".", "_")
+            state.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(alpha)})
+            parts[name] = (down, up, alpha)
+    save_file(state, str(path))
+    return parts
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "engine bug: methods/regional/lora.py weighs a conv's delta by the region at the layer's INPUT size "
+    "(call.weights_at(x.shape[-2:])); a stride-2 downsampler's output is half that size, so a LoCon that "
+    "trains the downsamplers (kohya conv_dim) fails with 'The size of tensor a (16) must match the size of "
+    "tensor b (8)'; the region belongs at the output's size (y.shape[-2:])"))
+def test_a_locon_on_the_downsampling_convs_equals_it_merged(world, tmp_path):
+    parts = write_downsampler_locon(tmp_path / "down.safetensors", world["unet"])
+    assert len(parts) == 3
+    plan = build_plan([dict(name="d", cond=world["cond"], loras=[(load_network(str(tmp_path / "down.safetensors")), 1.0)],
+                            mask=torch.ones(IMAGE))], IMAGE, start_at=0.0)
+    session = make_session("regional", world["unet"], plan)
+    try:
+        out = regional_sample(world, session, world["cond"], world["uncond"], sampler="euler", steps=2, seed=1)
+    finally:
+        assert unpatched(world["unet"])
+    merged = TinyLDM(merged_copy(world["unet"], [(parts, 1.0)]))
+    reference = sample(CFGHost(merged, world["cond"], world["uncond"]), "euler", steps=2, seed=1)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+
+
 # ---- 2. locality, and each region's own LoRA and prompt -------------------------------------
 
 @pytest.mark.parametrize("lora, layer", [

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from k_diffusion.external import CompVisDenoiser
 from torch import nn
 
-from lib_mc.engine import MultiConceptSession
+from lib_mc.engine import MultiConceptSession, make_session
 from lib_mc.hosts.forge_routing import call_options, engine_order, install_attention, make_unet_wrapper, map_control
 from lib_mc.patcher import PatchSet
 from lib_mc.plan import build_plan
@@ -51,7 +51,7 @@ def forge_block_attention(unet: nn.Module, patcher: PatcherOptions) -> PatchSet:
         if not m:
             continue
         kind = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[m[1]]
-        key = (kind, int(m[2] or 0), int(m[3]))
+        key = (kind, 0 if kind == "middle" else int(m[2] or 0), int(m[3]))   # Forge: block ("middle", 0)
 
         def wrap(original, module=module, attn=m[4], key=key):
             def forward(x, context=None, mask=None, **kwargs):
@@ -238,3 +238,86 @@ def test_lora_rows_reach_host_linear_layers_that_are_not_nn_linear(world):
         merged = CompVisDenoiser(TinyLDM(merged_copy(world["unet"], [(world["alice_parts"], 0.8)])))
         expected = merged(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=cond)
     assert torch.allclose(out, expected, atol=1e-4)
+
+
+# ---- regional mode: the Forge path (wrapper + replace patches) against the A1111 path (module hooks) ----
+
+def regional_plan(world, isolation=True, aligned=True):
+    """aligned: regions on the 2x2 grid's cells, so every attention layer sees them whole (weights 0
+    or 1); else plan_of's regions, which the 8x8 and coarser layers see in part."""
+    left, right = torch.zeros(IMAGE), torch.zeros(IMAGE)
+    if aligned:
+        left[:, :64], right[:64, 64:] = 1, 1
+    else:
+        left[:, :48], right[:64, 80:] = 1, 1
+    return build_plan([dict(name="alice", cond=world["alice_cond"], loras=[(world["alice"], 0.8)], mask=left),
+                       dict(name="bob", cond=world["bob_cond"], loras=[(world["bob"], 1.0)], mask=right)],
+                      IMAGE, start_at=0.0, isolation=isolation)
+
+
+def a1111_regional(world, plan, x, sigma):
+    """One regional call as A1111 makes it: [cond, uncond] rows, the engine's hooks on the modules."""
+    batch = x.shape[0]
+    session = make_session("regional", world["unet"], plan)
+    denoiser = CompVisDenoiser(world["ldm"])
+    cond = {"c_crossattn": torch.cat([world["cond"].expand(batch, -1, -1), world["uncond"].expand(batch, -1, -1)])}
+    with torch.no_grad(), session.single_pass():
+        return session.denoise(lambda xx, ss, cc: denoiser(xx, ss, cond=cc), torch.cat([x, x]),
+                               torch.cat([sigma, sigma]), cond, n_cond=batch, step=0, total_steps=1)
+
+
+def forge_regional(world, plan, x, sigma, split=False):
+    """The same call through forge_routing as Forge makes it: rows [uncond, cond] in one call, or
+    ([uncond], [cond]) apart; the attention through the replace patches. -> [cond, uncond] rows."""
+    batch = x.shape[0]
+    session = make_session("regional", world["unet"], plan, attention_on_modules=False)
+    patcher = PatcherOptions()
+    install_attention(patcher, session, host_attention)
+    denoiser = CompVisDenoiser(world["ldm"])
+
+    def apply_model(xx, tt, c_crossattn=None, transformer_options=None, control=None, **kwargs):
+        return denoiser(xx, tt, cond={"c_crossattn": c_crossattn})
+
+    wrapper = make_unet_wrapper(session, step=lambda: 0, total_steps=lambda: 1)
+    contexts = torch.cat([world["uncond"].expand(batch, -1, -1), world["cond"].expand(batch, -1, -1)])
+    parts = [([1, 0], slice(None))] if not split else [([1], slice(0, batch)), ([0], slice(batch, None))]
+    outs = []
+    with torch.no_grad(), forge_block_attention(world["unet"], patcher), session.single_pass():
+        for flags, rows in parts:
+            outs.append(wrapper(apply_model, {
+                "input": torch.cat([x, x])[rows], "timestep": torch.cat([sigma, sigma])[rows], "cond_or_uncond": flags,
+                "c": {"c_crossattn": contexts[rows], "transformer_options": {"sigmas": sigma}, "control": None}}))
+    out = torch.cat(outs)
+    return torch.cat([out[batch:], out[:batch]])
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["batched", "split"])
+@pytest.mark.parametrize("isolation", [True, False], ids=["isolated", "not-isolated"])
+def test_forge_regional_call_gives_the_a1111_result(world, isolation, split):
+    x, sigma = inputs(world)
+    a1111 = a1111_regional(world, regional_plan(world, isolation), x, sigma)
+    forge = forge_regional(world, regional_plan(world, isolation), x, sigma, split=split)
+    assert torch.allclose(forge, a1111, rtol=1e-4, atol=1e-4), (forge - a1111).abs().max()
+    # the concepts acted: not the plain UNet's output
+    batch = x.shape[0]
+    with torch.no_grad():
+        plain = CompVisDenoiser(world["ldm"])(torch.cat([x, x]), torch.cat([sigma, sigma]), cond={"c_crossattn": torch.cat(
+            [world["cond"].expand(batch, -1, -1), world["uncond"].expand(batch, -1, -1)])})
+    assert (a1111 - plain).abs().max() > 1e-1
+
+
+def test_forge_regional_isolation_takes_part(world):
+    x, sigma = inputs(world)
+    isolated = forge_regional(world, regional_plan(world, True), x, sigma)
+    assert (isolated - forge_regional(world, regional_plan(world, False), x, sigma)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("isolation", [True, False], ids=["isolated", "not-isolated"])
+def test_forge_regional_call_gives_the_a1111_result_where_regions_cut_through_cells(world, isolation):
+    """Fractional region weights (edges the 8x8 and coarser layers see in part): A1111 projects q
+    and applies to_out per branch, Forge hands over one q and applies to_out after the patch; the
+    concepts' LoRAs on those layers must act alike in both."""
+    x, sigma = inputs(world)
+    a1111 = a1111_regional(world, regional_plan(world, isolation, aligned=False), x, sigma)
+    forge = forge_regional(world, regional_plan(world, isolation, aligned=False), x, sigma)
+    assert torch.allclose(forge, a1111, rtol=1e-4, atol=1e-4), (forge - a1111).abs().max()

@@ -126,11 +126,6 @@ def write_downsampler_locon(path, unet, seed=12, rank=4, alpha=2.0, strength=0.3
     return parts
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "engine bug: methods/regional/lora.py weighs a conv's delta by the region at the layer's INPUT size "
-    "(call.weights_at(x.shape[-2:])); a stride-2 downsampler's output is half that size, so a LoCon that "
-    "trains the downsamplers (kohya conv_dim) fails with 'The size of tensor a (16) must match the size of "
-    "tensor b (8)'; the region belongs at the output's size (y.shape[-2:])"))
 def test_a_locon_on_the_downsampling_convs_equals_it_merged(world, tmp_path):
     parts = write_downsampler_locon(tmp_path / "down.safetensors", world["unet"])
     assert len(parts) == 3
@@ -179,11 +174,20 @@ def test_a_concepts_lora_changes_nothing_outside_its_region_in_the_first_layer_i
     assert (inside - inside_ref).abs().min() > 0 and (inside - inside_ref).abs().max() > 1e-2
 
 
+def sdpa_heads(q, k, v, heads):
+    """ldm's attention on projected q, k, v: (rows, n, heads * d)."""
+    b, n, inner = q.shape
+    split = [t.reshape(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v)]
+    return torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, n, inner)
+
+
 def overlapping(world):
-    # alice (in front, z) over bob where they overlap, feathered edges: fractional weights everywhere near them
+    # alice (in front, z) over bob where they overlap, feathered edges: fractional weights everywhere near
+    # them; bob with a negative prompt of his own, longer than every prompt
     return build_plan([
         dict(name="alice", cond=world["alice_cond"], loras=[(world["alice"], 0.8)], mask=columns(0, 80), z=1.0),
-        dict(name="bob", cond=world["bob_cond"], loras=[(world["bob"], 1.0)], mask=columns(40, 128), z=0.0),
+        dict(name="bob", cond=world["bob_cond"], uncond=random_context(8, tokens=16), loras=[(world["bob"], 1.0)],
+             mask=columns(40, 128), z=0.0),
     ], IMAGE, start_at=0.0, feather=12.0)
 
 
@@ -216,24 +220,35 @@ def test_each_concept_gets_its_own_lora_and_prompt_in_every_layer_it_touches(wor
         for h in handles:
             h.remove()
     # references: each concept's merged-LoRA copy of the module on its own (padded) prompt
-    length = world["alice_cond"].shape[1]   # 12: every concept context is padded to the longest prompt
-    uncond = pad_context(world["uncond"], length)
+    # cond rows: the concept's prompt; uncond rows: its negative, else the host's; every concept
+    # context padded to the longest of them (alice's 12 tokens, or bob's 16-token negative)
+    negatives = {"alice": world["uncond"], "bob": world["uncond"] if plan.concepts[1].uncond is None
+                 else plan.concepts[1].uncond["c_crossattn"]}
+    length = max(t.shape[1] for t in [world["alice_cond"], *negatives.values()])
     references = [(modules, None, 1.0)]
     for concept, weight in (("alice", 0.8), ("bob", 1.0)):
         copy = dict(merged_copy(unet, [(world[f"{concept}_parts"], weight)]).named_modules())
-        references.append((copy, torch.cat([pad_context(world[f"{concept}_cond"], length), uncond]), weight))
+        references.append((copy, torch.cat([pad_context(world[f"{concept}_cond"], length),
+                                            pad_context(negatives[concept], length)]), weight))
     checked_exact = 0
     with torch.no_grad():
         for name in names:
             x, context, out = calls[name]
             side = int(math.isqrt(x.shape[1]))
             weights = plan.regions.at_grid((side, side)).flatten(1)         # (3, tokens)
-            expected = torch.zeros_like(out)
-            per_source = []
+            per_source = [copy[name](x, context=context if own_context is None else own_context)
+                          for copy, own_context, _ in references]
+            # q and to_out are image-token layers: every concept's LoRA under its weights (the plain
+            # layer and each merged copy mixed by the weights, which sum to 1); keys and values: the
+            # branch's own prompt through its LoRA; the attention outputs mixed by the weights
+            w = [weights[k][None, :, None] for k in range(len(references))]
+            q = sum(w[k] * copy[name].to_q(x) for k, (copy, _, _) in enumerate(references))
+            heads = modules[name].heads
+            mixed = 0
             for k, (copy, own_context, _) in enumerate(references):
-                ref = copy[name](x, context=context if own_context is None else own_context)
-                per_source.append(ref)
-                expected += weights[k][None, :, None] * ref
+                ctx = context if own_context is None else own_context
+                mixed = mixed + w[k] * sdpa_heads(q, copy[name].to_k(ctx), copy[name].to_v(ctx), heads)
+            expected = sum(w[k] * copy[name].to_out(mixed) for k, (copy, _, _) in enumerate(references))
             torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4, msg=name)
             for k in (1, 2):
                 exact = weights[k] == 1
@@ -622,11 +637,7 @@ def quadrants(world, **options):
 
 @pytest.mark.parametrize("plan_of", [
     quadrants,
-    pytest.param(two_concepts, marks=pytest.mark.xfail(strict=True, reason=(
-        "engine bug: on Forge, regional_attend's cross-attention branches reuse the host-projected q "
-        "and the host's to_out, both under the region-weighted LoRA (sum_j w_j delta_j), while the A1111 "
-        "path projects q and to_out per branch (main: no concept LoRA, branch i: concept i's); the two "
-        "differ wherever a cell's weight is fractional (coarse grids at region edges, feather, overlaps)"))),
+    two_concepts,
 ], ids=["edges on every grid", "fractional cells"])
 def test_forge_routing_gives_the_a1111_paths_regional_result(world, plan_of):
     gen = torch.Generator().manual_seed(5)

@@ -1,9 +1,11 @@
 """Region-aware attention (LoRA-Composer), in two forms sharing one core:
 
 - cross-attention: inside concept i's region the output is attention(q, K_i, V_i) over concept
-  i's own prompt, projected with concept i's LoRA; elsewhere the main prompt's, with no concept
-  LoRA. Overlaps follow the front-to-back weights (sum 1). Each concept's branch runs on its
-  region's tokens only, so it costs its area.
+  i's own prompt, its keys and values projected with concept i's LoRA; elsewhere the main
+  prompt's. Overlaps follow the front-to-back weights (sum 1). q and to_out are image-token
+  layers: they carry every concept's LoRA under its region weights, in both forms, so A1111
+  (which projects q per branch) and Forge (which hands over one q) compute the same. Each
+  concept's branch runs on its region's tokens only, so it costs its area.
 - self-attention, concept isolation: queries of concept i's region do not attend to keys of
   other concepts' regions (background queries and keys take part everywhere). Low-resolution
   layers use one SDPA call with a boolean (rows, 1, N, N) mask; above MASK_MAX_TOKENS the same
@@ -41,7 +43,7 @@ def blend_cross(x_tokens: int, call: RegionalCall, main, branch, like: torch.Ten
         tokens = (w > 0).any(0).nonzero().flatten()
         if tokens.numel() == 0:
             continue
-        with call.scoped(i):
+        with call.scoped(i, (tokens, x_tokens)):
             part = branch(i, tokens)
         out[:, tokens] += w[:, tokens, None] * part
     return out

@@ -10,7 +10,7 @@ import torch
 
 from ...plan import Plan
 
-SPATIAL, NO_CONCEPT = None, -1
+NO_CONCEPT = -1
 
 
 class RegionalCall:
@@ -22,8 +22,11 @@ class RegionalCall:
         capture: an enhancement `Capture` collecting attention maps (a gradient-enabled call)."""
         self.plan, self.images, self.contexts, self.isolate = plan, images, contexts, isolate
         self.capture = capture
-        self.scope: int | None = SPATIAL   # SPATIAL: each concept's LoRA under its region weights;
-        # NO_CONCEPT: no concept LoRA; i: concept i's LoRA on every input (its own cross-attention branch)
+        # image-token layers always add each concept's LoRA under its region weights; the text
+        # layers (cross-attention to_k / to_v) add the LoRA of the branch in flight: NO_CONCEPT
+        # for the main prompt, i while concept i's prompt is projected
+        self.branch: int = NO_CONCEPT
+        self.tokens: tuple[torch.Tensor, int] | None = None   # a branch's gathered token positions, of how many
         self._weights: dict[tuple, torch.Tensor] = {}
         self._labels: dict[tuple, torch.Tensor] = {}
 
@@ -32,12 +35,15 @@ class RegionalCall:
         return len(self.images)
 
     @contextlib.contextmanager
-    def scoped(self, scope: int):
-        before, self.scope = self.scope, scope
+    def scoped(self, branch: int, tokens: tuple[torch.Tensor, int] | None = None):
+        """Concept `branch`'s LoRA on the text layers, and (tokens, n): the image-token layers see
+        only those of n token positions."""
+        before = self.branch, self.tokens
+        self.branch, self.tokens = branch, tokens
         try:
             yield
         finally:
-            self.scope = before
+            self.branch, self.tokens = before
 
     def _regions_of(self, image: int):
         plan = self.plan
@@ -60,9 +66,16 @@ class RegionalCall:
         return None
 
     def token_weights(self, n_tokens: int, like: torch.Tensor) -> torch.Tensor | None:
-        """(n + 1, rows, n_tokens) for a flattened attention grid, None if no grid has that many tokens."""
+        """(n + 1, rows, n_tokens) for a flattened attention grid, None if no grid has that many
+        tokens; inside a branch that gathered some positions, the weights of those."""
+        positions = None
+        if self.tokens is not None and n_tokens == self.tokens[0].numel():
+            positions, n_tokens = self.tokens
         hw = self.grid_of(n_tokens)
-        return None if hw is None else self.weights_at(hw, like).flatten(2)
+        if hw is None:
+            return None
+        weights = self.weights_at(hw, like).flatten(2)
+        return weights if positions is None else weights[:, :, positions.to(weights.device)]
 
     def labels(self, n_tokens: int, device) -> torch.Tensor:
         """(rows, n_tokens) long: 0 background, i + 1 concept i, where the weight is largest."""

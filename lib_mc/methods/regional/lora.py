@@ -1,7 +1,8 @@
 """A layer's forward that adds each concept's LoRA delta only where its region is: weighted by
-the region at the layer's resolution (convolutions and token layers), or, inside a concept's
-own cross-attention branch, everywhere for that concept alone. The rows are the host's own:
-no extra UNet rows, no weight merging."""
+the region at the layer's resolution (convolutions and image-token layers; inside a
+cross-attention branch, at the positions of the tokens it gathered). A text layer
+(cross-attention to_k / to_v) adds the LoRA of the concept whose prompt it projects. The rows
+are the host's own: no extra UNet rows, no weight merging."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from ...hooks.lora_rows import compute_dtype
 from ...hooks.state import RunState
-from .call import NO_CONCEPT, SPATIAL, RegionalCall
+from .call import NO_CONCEPT, RegionalCall
 
 
 def _delta(ops, x):
@@ -35,14 +36,13 @@ def make_regional_lora_forward(original, ops_by_concept: dict[int, list], run: R
         call: RegionalCall | None = run.call
         if call is None or x.shape[0] != call.rows:
             return y
-        if call.scope is not SPATIAL:
-            if call.scope != NO_CONCEPT and call.scope in ops_by_concept:
-                y = y + _delta(ops_for(x)[call.scope], x).to(y.dtype)
-            return y
         if context_layer:
+            if call.branch != NO_CONCEPT and call.branch in ops_by_concept:
+                y = y + _delta(ops_for(x)[call.branch], x).to(y.dtype)
             return y
         if x.dim() == 4:
-            weights = call.weights_at(tuple(x.shape[-2:]), y)[:, :, None]            # (n+1, rows, 1, h, w)
+            # at the output's size: a stride-2 conv halves it
+            weights = call.weights_at(tuple(y.shape[-2:]), y)[:, :, None]            # (n+1, rows, 1, h, w)
         elif x.dim() == 3:
             weights = call.token_weights(x.shape[1], y)
             if weights is None:

@@ -40,7 +40,7 @@ from ..regions import encode_png
 from . import check_model_family, webui_models
 from .layout_images import layout_outputs
 from .samplers import check_sampler, evaluations_per_step
-from .webui_xyz import XYZ_ATTR
+from .webui_xyz import XYZ_ATTR, apply_overrides
 
 WARNINGS_KEY = "Multi-Concept warnings"
 
@@ -128,9 +128,7 @@ class WebUIServices:
 def process(p, job_arg) -> None:
     p._multi_concept = None
     try:
-        job = parse_job(job_arg)
-        for key, value in (getattr(p, XYZ_ATTR, None) or {}).items():
-            setattr(job, key, value)
+        job = apply_overrides(parse_job(job_arg), getattr(p, XYZ_ATTR, None) or {})
         if not job.enabled:
             return
         if job.enabled and not job.concepts:

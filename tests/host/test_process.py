@@ -103,3 +103,17 @@ def test_the_batch_plan_gets_its_rows_per_call():
     finally:
         del shared.opts.multi_concept_max_rows
     assert state.error is None and state.prepared.plan.options.max_rows_per_call == 7
+
+
+def test_an_xyz_cell_is_checked_as_a_job_is():
+    """XYZ: Mode = regional on a job with an automatic region and start_at 0 is refused, naming start_at."""
+    from lib_mc.hosts.webui_xyz import XYZ_ATTR
+    job = {"enabled": True, "start_at": 0.0, "concepts": [
+        {"name": "a", "class_word": "man", "region": {"type": "auto"}}]}
+    p = SimpleNamespace(prompt="a man", sampler_name="Euler a", extra_generation_params={}, refiner_checkpoint=None)
+    setattr(p, XYZ_ATTR, {"mode": "regional"})
+    webui.process(p, job)
+    assert "start_at" in str(p._multi_concept.error)
+    setattr(p, XYZ_ATTR, {"mode": "blend"})
+    webui.process(p, job)
+    assert p._multi_concept.error is None and p._multi_concept.job.mode == "blend"

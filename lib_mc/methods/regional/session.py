@@ -85,6 +85,8 @@ class RegionalSession(SessionBase):
         except _Probed as probed:
             host.replay_noise()   # the same ancestral noise for the real pass
             return probed.noise.to(host.initial.device, host.initial.dtype)
+        if host.interrupted():   # the host's sampler returned early: the user stopped the job
+            return host.initial
         raise EngineError("latent re-initialisation: the sampler made no call with conditional rows")
 
     @contextlib.contextmanager

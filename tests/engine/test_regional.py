@@ -143,16 +143,23 @@ def test_a_locon_on_the_downsampling_convs_equals_it_merged(world, tmp_path):
 
 # ---- 2. locality, and each region's own LoRA and prompt -------------------------------------
 
-@pytest.mark.parametrize("lora, layer", [
-    ("alice", "input_blocks.1.1.transformer_blocks.0.attn1.to_q"),   # first LoRA'd layer: tokens
-    ("bob", "input_blocks.1.0.in_layers.2"),                          # first LoRA'd layer: a 3x3 conv
+@pytest.mark.parametrize("lora, layer, cells", [
+    ("alice", "input_blocks.1.1.transformer_blocks.0.attn1.to_q", 16 * 6),   # first LoRA'd layer: tokens
+    ("bob", "input_blocks.1.0.in_layers.2", 16 * 6),                          # first LoRA'd layer: a 3x3 conv
+    ("down", "input_blocks.2.0.op", 8 * 3),   # a stride-2 conv: the region at its output's 8 x 8
 ])
-def test_a_concepts_lora_changes_nothing_outside_its_region_in_the_first_layer_it_touches(world, lora, layer):
+def test_a_concepts_lora_changes_nothing_outside_its_region_in_the_first_layer_it_touches(world, tmp_path, lora,
+                                                                                          layer, cells):
+    if lora == "down":
+        write_downsampler_locon(tmp_path / "down.safetensors", world["unet"])
+        network, cond = load_network(str(tmp_path / "down.safetensors")), world["cond"]
+    else:
+        network, cond = world[lora], world[f"{lora}_cond"]
     module = dict(world["unet"].named_modules())[layer]
     outputs = {}
     for with_lora in (True, False):
-        plan = build_plan([dict(name=lora, cond=world[f"{lora}_cond"], mask=columns(0, 48),
-                                loras=[(world[lora], 1.0)] if with_lora else [])], IMAGE, start_at=0.0)
+        plan = build_plan([dict(name=lora, cond=cond, mask=columns(0, 48), loras=[(network, 1.0)] if with_lora else [])],
+                          IMAGE, start_at=0.0)
         store = []
         handle = capture_outputs(module, store)
         try:
@@ -161,9 +168,10 @@ def test_a_concepts_lora_changes_nothing_outside_its_region_in_the_first_layer_i
             handle.remove()
         assert len(store) == 1
         outputs[with_lora] = store[0]
-    region = plan.regions.at_grid((16, 16))[1] > 0                 # 16 x 16: this layer's resolution
-    assert region.sum() == 16 * 6
     with_lora, without = outputs[True], outputs[False]
+    grid = tuple(with_lora.shape[-2:]) if with_lora.dim() == 4 else (math.isqrt(with_lora.shape[1]),) * 2
+    region = plan.regions.at_grid(grid)[1] > 0                       # at this layer's (output) resolution
+    assert region.sum() == cells
     if with_lora.dim() == 3:                                         # (rows, tokens, channels)
         inside, outside = with_lora[:, region.flatten()], with_lora[:, ~region.flatten()]
         inside_ref, outside_ref = without[:, region.flatten()], without[:, ~region.flatten()]

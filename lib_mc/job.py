@@ -23,7 +23,8 @@ SCHEMA_VERSION = 1
 MODES = ("blend", "regional")
 # options read by one mode only; any other top-level option is read by both
 MODE_OF_OPTION = {"layout_replay": "blend", "self_attn_replay_until": "blend",
-                  "isolation": "regional", "isolation_until": "regional", "reinit": "regional"}
+                  "isolation": "regional", "isolation_until": "regional", "reinit": "regional",
+                  "enhance": "regional"}
 DEFAULT_START = 0.3   # blend; and regional when a region is automatic (found at start_at)
 MAX_CONCEPTS = 8
 MAX_GROW_PX = 128   # auto_grow: found masks grow or shrink at most this many image pixels
@@ -78,6 +79,7 @@ class Job:
     isolation: bool = True            # regional: region i's self-attention queries skip other concepts' keys
     isolation_until: float = 1.0      # regional: fraction of the steps during which isolation acts
     reinit: bool = False              # regional: each region's initial latent re-drawn at the first step
+    enhance: bool = False             # regional: gradient guidance on the class words' attention, first half
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def start_fraction(self, has_auto: bool) -> float:
@@ -95,7 +97,7 @@ class Job:
             "self_attn_replay_until": self.self_attn_replay_until, "feather": self.feather,
             "save_layout": self.save_layout, "refine_regions": self.refine_regions, "auto_grow": self.auto_grow,
             "hires_loras": self.hires_loras, "isolation": self.isolation, "isolation_until": self.isolation_until,
-            "reinit": self.reinit, "concepts": [_concept_dict(c) for c in self.concepts],
+            "reinit": self.reinit, "enhance": self.enhance, "concepts": [_concept_dict(c) for c in self.concepts],
         }
 
 
@@ -266,6 +268,7 @@ def parse_job(raw: Any) -> Job:
         isolation=_option(raw, "isolation", _bool, True, ""),
         isolation_until=_option(raw, "isolation_until", _num, 1.0, "", 0.0, 1.0),
         reinit=_option(raw, "reinit", _bool, False, ""),
+        enhance=_option(raw, "enhance", _bool, False, ""),
         concepts=[_concept(c, i) for i, c in enumerate(concepts)],
     )
     if job.enabled and not job.concepts:

@@ -54,6 +54,7 @@ def test_empty_argument_means_disabled_and_unknown_keys_are_ignored():
     ({"isolation_until": 2}, "isolation_until", r"must be <= 1, got 2 \(a regional-mode option\)$"),
     ({"isolation": "on"}, "isolation", r"true or false, got 'on' \(a regional-mode option\)$"),
     ({"reinit": 1}, "reinit", r"true or false, got 1 \(a regional-mode option\)$"),
+    ({"enhance": "yes"}, "enhance", r"true or false, got 'yes' \(a regional-mode option\)$"),
     ({"layout_replay": "no"}, "layout_replay", r"true or false, got 'no' \(a blend-mode option\)$"),
     ({"self_attn_replay_until": -1}, "self_attn_replay_until", r"must be >= 0, got -1 \(a blend-mode option\)$"),
     ({"mode": "regional", "start_at": 0, "concepts": [{"class_word": "woman", "region": {"type": "auto"}}]},
@@ -116,23 +117,26 @@ def test_an_automatic_region_may_carry_the_box_to_search_in():
         parse_job({"concepts": [{**concept, "region": {"type": "auto", "h": 0}}]})
 
 
-REGIONAL = {**EXAMPLE, "mode": "regional", "isolation": False, "isolation_until": 0.6, "reinit": True}
+REGIONAL = {**EXAMPLE, "mode": "regional", "isolation": False, "isolation_until": 0.6, "reinit": True,
+            "enhance": True}
 
 
 def test_a_regional_job_and_its_options_parse_and_round_trip():
     job = parse_job(REGIONAL)
     assert (job.mode, job.isolation, job.isolation_until, job.reinit) == ("regional", False, 0.6, True)
+    assert job.enhance is True and job.to_dict()["enhance"] is True
     assert parse_job(job.to_dict()) == job and parse_job(json.dumps(job.to_dict())) == job
     plain = parse_job({"mode": "regional", "concepts": EXAMPLE["concepts"]})   # the regional defaults
     assert (plain.isolation, plain.isolation_until, plain.reinit, plain.start_at) == (True, 1.0, False, None)
+    assert plain.enhance is False   # off by default: it costs a forward and a backward per guided step
     assert parse_job(plain.to_dict()) == plain
 
 
 def test_an_option_of_the_other_mode_is_accepted_and_kept():
     regional = parse_job({**REGIONAL, "layout_replay": False, "self_attn_replay_until": 0.2})
     assert not regional.layout_replay and regional.self_attn_replay_until == 0.2
-    blend = parse_job({**EXAMPLE, "isolation": False, "reinit": True})
-    assert blend.mode == "blend" and not blend.isolation and blend.reinit
+    blend = parse_job({**EXAMPLE, "isolation": False, "reinit": True, "enhance": True})
+    assert blend.mode == "blend" and not blend.isolation and blend.reinit and blend.enhance
 
 
 def test_start_at_left_out_means_the_modes_default():

@@ -35,7 +35,7 @@ MIN_MALFORMED = 500     # (the rest happen to be valid: a mutation may leave a j
 
 # every field a message may name: the job's own paths, as the parser and prepare spell them
 FIELD = re.compile(r"(multi-concept|version|mode|enabled|start_at|layout_replay|self_attn_replay_until|feather"
-                   r"|save_layout|refine_regions|auto_grow|hires_loras|isolation|isolation_until|reinit|prompt|concepts(\[\d+\](\.(name|z"
+                   r"|save_layout|refine_regions|auto_grow|hires_loras|isolation|isolation_until|reinit|enhance|prompt|concepts(\[\d+\](\.(name|z"
                    r"|prompt( <lora:[^>]*>)?|negative_prompt|class_word|loras(\[\d+\](\.(name|weight))?)?"
                    r"|region(\.(type|x|y|w|h|png|found))?))?)?)")
 
@@ -117,7 +117,7 @@ LEAF = {
     "version": st.sampled_from([0, 2, "1", None]),
     "mode": st.sampled_from(["", "Blend", "compose", None, "regional", "blend"]),
     "isolation": st.sampled_from(["true", 0, None]), "reinit": st.sampled_from(["false", 1, None]),
-    "isolation_until": outside(0, 1),
+    "isolation_until": outside(0, 1), "enhance": st.sampled_from(["true", 1, None]),
 }
 
 
@@ -154,7 +154,7 @@ def valid_jobs(draw):
            "concepts": [draw(concepts(i, count)) for i in range(count)]}
     if draw(st.booleans()):   # regional: automatic regions are found at start_at, so it is > 0
         job.update(mode="regional", start_at=draw(st.floats(0.05, 1)), isolation=draw(st.booleans()),
-                   isolation_until=draw(st.floats(0, 1)), reinit=draw(st.booleans()))
+                   isolation_until=draw(st.floats(0, 1)), reinit=draw(st.booleans()), enhance=draw(st.booleans()))
     return job
 
 

@@ -20,7 +20,8 @@ _DEFAULTS = Job()
 def job_to_infotext(job: Job) -> str:
     data = job.to_dict()
     for key in ("mode", "start_at", "layout_replay", "self_attn_replay_until", "feather", "save_layout",
-                "refine_regions", "auto_grow", "hires_loras", "isolation", "isolation_until", "reinit"):
+                "refine_regions", "auto_grow", "hires_loras", "isolation", "isolation_until", "reinit",
+                "enhance"):
         if data[key] == getattr(_DEFAULTS, key) or MODE_OF_OPTION.get(key, job.mode) != job.mode:
             del data[key]   # a default, or an option the job's mode does not read
     if job.mode == "blend" and job.start_at == DEFAULT_START:

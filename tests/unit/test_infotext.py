@@ -81,26 +81,29 @@ def test_a_regional_job_writes_its_mode_and_options_and_pastes_back_as_regional(
     concepts = [{"name": "alice", "loras": [{"name": "alice_v1", "weight": 0.8}],
                  "region": {"type": "rect", "x": 0, "y": 0, "w": 0.5, "h": 1}}]
     job = parse_job({"mode": "regional", "isolation": False, "isolation_until": 0.5, "reinit": True,
-                     "layout_replay": False, "self_attn_replay_until": 0.1, "concepts": concepts})
+                     "enhance": True, "layout_replay": False, "self_attn_replay_until": 0.1, "concepts": concepts})
     data = json.loads(job_to_infotext(job))
     assert (data["mode"], data["isolation"], data["isolation_until"], data["reinit"]) == ("regional", False, 0.5, True)
+    assert data["enhance"] is True
     assert "layout_replay" not in data and "self_attn_replay_until" not in data   # blend's: not read here
     assert "start_at" not in data   # the mode's default
     back = infotext_to_job(job_to_infotext(job))
     assert (back.mode, back.isolation, back.isolation_until, back.reinit, back.start_at) == \
         ("regional", False, 0.5, True, None)
+    assert back.enhance is True
     pasted = parse_job(compose(*decompose(job_to_infotext(job))))   # PNG Info -> Send to txt2img
     assert (pasted.mode, pasted.isolation, pasted.isolation_until, pasted.reinit) == ("regional", False, 0.5, True)
+    assert pasted.enhance is True
     # regional defaults left out; an explicit start is kept, 0.3 too (regional's default depends on the regions)
     plain = json.loads(job_to_infotext(parse_job({"mode": "regional", "start_at": 0.3, "concepts": concepts})))
     assert plain["mode"] == "regional" and plain["start_at"] == 0.3
-    assert not {"isolation", "isolation_until", "reinit"} & set(plain)
+    assert not {"isolation", "isolation_until", "reinit", "enhance"} & set(plain)
 
 
 def test_a_blend_job_leaves_regional_options_and_its_default_start_out():
     concepts = [{"name": "bob"}]
     text = job_to_infotext(parse_job({"start_at": 0.3, "isolation": False, "reinit": True, "isolation_until": 0.2,
-                                      "layout_replay": False, "concepts": concepts}))
+                                      "enhance": True, "layout_replay": False, "concepts": concepts}))
     assert json.loads(text) == {"version": 1, "layout_replay": False, "concepts": [
         {"name": "bob", "region": {"type": "rect", "x": 0.0, "y": 0.0, "w": 1.0, "h": 1.0}}]}
     assert infotext_to_job(text).start_fraction(False) == 0.3

@@ -50,6 +50,8 @@ def axis_specs():
         ("[Multi-Concept] Isolation until (regional)", float, _setter("isolation_until", float), None),
         ("[Multi-Concept] Re-initialise latents (regional)", str, _setter("reinit", _to_bool),
          lambda: ["True", "False"]),
+        ("[Multi-Concept] Concept enhancement (regional)", str, _setter("enhance", _to_bool),
+         lambda: ["True", "False"]),
     ]
 
 

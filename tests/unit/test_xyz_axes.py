@@ -26,12 +26,18 @@ def test_regional_axes_set_the_mode_and_its_options():
     specs["[Multi-Concept] Concept isolation (regional)"][1](p, "False", None)
     specs["[Multi-Concept] Isolation until (regional)"][1](p, "0.6", None)
     specs["[Multi-Concept] Re-initialise latents (regional)"][1](p, "True", None)
+    specs["[Multi-Concept] Concept enhancement (regional)"][1](p, "true", None)
     overrides = getattr(p, XYZ_ATTR)
-    assert overrides == {"mode": "regional", "isolation": False, "isolation_until": 0.6, "reinit": True}
+    assert overrides == {"mode": "regional", "isolation": False, "isolation_until": 0.6, "reinit": True,
+                         "enhance": True}
     assert specs["[Multi-Concept] Mode"][2]() == ["blend", "regional"]
     assert specs["[Multi-Concept] Concept isolation (regional)"][2]() == ["True", "False"]
+    assert specs["[Multi-Concept] Concept enhancement (regional)"][2]() == ["True", "False"]
     job = apply_overrides(parse_job({"concepts": [{"name": "a"}]}), overrides)
     assert (job.mode, job.isolation, job.isolation_until, job.reinit) == ("regional", False, 0.6, True)
+    assert job.enhance is True
+    specs["[Multi-Concept] Concept enhancement (regional)"][1](p, "False", None)
+    assert apply_overrides(job, getattr(p, XYZ_ATTR)).enhance is False
 
 
 def test_an_axis_value_is_checked_as_the_job_checks_it():

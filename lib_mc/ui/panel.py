@@ -153,6 +153,10 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
                 reinit = gr.Checkbox(top["reinit"], label="Re-initialise latents (regional)",
                                      elem_id=f"{ELEM}_reinit",
                                      info="Starting noise re-drawn per region (class word)")
+                enhance = gr.Checkbox(top["enhance"], label="Concept enhancement (regional)",
+                                      elem_id=f"{ELEM}_enhance",
+                                      info="Class words' attention pulled into their regions, first half of "
+                                           "the steps (slower)")
             with gr.Row():
                 refine = gr.Checkbox(top["refine_regions"], label="Refine automatic regions while sampling",
                                      elem_id=f"{ELEM}_refine",
@@ -167,7 +171,7 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
         paste_box = gr.Textbox("", visible=False, elem_id=f"{ELEM}_paste")
 
     controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, refine, auto_grow,
-                hires_loras, isolation, isolation_until, reinit, count, canvas]   # TOP_FIELDS order
+                hires_loras, isolation, isolation_until, reinit, enhance, count, canvas]   # TOP_FIELDS order
     controls += [c for concept in concepts for c in concept.values]
     compat.value_when_served(job, lambda: compose(*(c.value for c in controls)))
     _wire(controls, job, paste_box, count, concepts, refresh_lora_names or lora_names)

@@ -22,7 +22,7 @@ from ..regions import PRESETS
 MAX_UI_CONCEPTS = 6
 TOP_FIELDS = ("enabled", "mode", "start_at", "layout_replay", "self_attn_replay_until", "feather",
               "save_layout", "refine_regions", "auto_grow", "hires_loras", "isolation", "isolation_until", "reinit",
-              "count", "canvas")
+              "enhance", "count", "canvas")
 JOB_OPTIONS = TOP_FIELDS[:TOP_FIELDS.index("count")]   # the controls that are the job's own top-level keys
 NUMBER_FIELDS = ("self_attn_replay_until", "feather", "auto_grow", "isolation_until")
 CONCEPT_FIELDS = ("name", "loras", "prompt", "negative_prompt", "class_word", "region", "x", "y", "w", "h",

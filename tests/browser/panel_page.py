@@ -132,6 +132,8 @@ def edit_every_kind_of_control(page, tmp_path, lora: str | None):
     wait_for_job(page, "job.isolation_until === 0.6")
     page.locator(f"{PANEL}_reinit input[type=checkbox]").check()
     wait_for_job(page, "job.reinit === true")
+    page.locator(f"{PANEL}_enhance input[type=checkbox]").check()
+    wait_for_job(page, "job.enhance === true")
     page.locator(f"{PANEL}_options .label-wrap").first.click()   # folded again
     job = job_in_page(page)
     assert job["concepts"][0] == first and job["concepts"][1]["name"] == "bob"

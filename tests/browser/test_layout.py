@@ -69,6 +69,7 @@ def test_every_kind_of_control_reaches_the_job_and_no_edit_rewrites_another_conc
     parsed = parse_job(received)
     assert parsed.enabled and parsed.start_at == 0.45 and parsed.hires_loras is False
     assert (parsed.mode, parsed.isolation, parsed.isolation_until, parsed.reinit) == ("regional", False, 0.6, True)
+    assert parsed.enhance is True
     second = parsed.concepts[1]
     assert (second.name, second.prompt, second.negative_prompt, second.class_word) == (
         "bob", "photo of bob man", "blurry", "man")

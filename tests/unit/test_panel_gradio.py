@@ -44,3 +44,4 @@ def test_the_mode_offers_blend_and_regional_and_a_one_mode_option_says_which():
         label = control[key].label or ""
         assert (f"({mode})" in label) if mode else not any(f"({m})" in label for m in MODES), (key, label)
     assert control["start_at"].value == "" and "mode's default" in control["start_at"].info
+    assert control["enhance"].label == "Concept enhancement (regional)" and control["enhance"].value is False

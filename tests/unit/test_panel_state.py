@@ -244,15 +244,19 @@ def test_regional_mode_and_its_options_reach_the_job_and_come_back_on_paste():
     values[TOP_FIELDS.index("isolation")] = False
     values[TOP_FIELDS.index("isolation_until")] = 1   # a slider may send an int
     values[TOP_FIELDS.index("reinit")] = True
+    assert values[TOP_FIELDS.index("enhance")] is False   # off by default
+    values[TOP_FIELDS.index("enhance")] = True
     text = compose(*values)
     data = json.loads(text)
     assert (data["mode"], data["isolation"], data["isolation_until"], data["reinit"]) == ("regional", False, 1.0, True)
+    assert data["enhance"] is True
     assert "start_at" not in data   # empty box: left to the mode
     job = parse_job(text)
     assert job.mode == "regional" and job.start_at is None and job.start_fraction(False) == 0.0
     back = decompose(text)
     assert back[TOP_FIELDS.index("mode")] == "regional" and back[TOP_FIELDS.index("start_at")] == ""
     assert (back[TOP_FIELDS.index("isolation")], back[TOP_FIELDS.index("reinit")]) == (False, True)
+    assert back[TOP_FIELDS.index("enhance")] is True
     assert compose(*back) == text
     values[TOP_FIELDS.index("start_at")] = " 0.25 "   # typed: kept as given
     assert parse_job(compose(*values)).start_at == 0.25 and decompose(compose(*values))[TOP_FIELDS.index("start_at")] == "0.25"

@@ -130,8 +130,10 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
                       auto_box=_box(spec.region), auto_tokens_per_image=auto_tokens[i][2]) \
             if i in auto_tokens else \
             dict(mask=region_mask(spec.region, image_hw, f"{where}.region"))
+        own_tokens = _own_class_tokens(spec, prompt, services, warnings) if job.mode == "regional" and job.enhance \
+            else None
         prepared_concepts.append(dict(name=spec.name, cond=cond, uncond=uncond, loras=uses, z=spec.z,
-                                      class_tokens=class_tokens.get(i), **region))
+                                      class_tokens=class_tokens.get(i), own_class_tokens=own_tokens, **region))
     for message in warnings:
         warn(f"[Multi-Concept] {message}")
     try:
@@ -139,7 +141,7 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
                           layout_replay=job.layout_replay, self_attn_replay_until=job.self_attn_replay_until,
                           feather=job.feather, refine_every=REFINE_EVERY if job.refine_regions else 0,
                           auto_grow=job.auto_grow, isolation=job.isolation, isolation_until=job.isolation_until,
-                          reinit=job.reinit)
+                          reinit=job.reinit, enhance=job.enhance)
     except PlanError as exc:
         if isinstance(exc, JobError):
             raise
@@ -202,6 +204,18 @@ def _class_tokens(job: Job, prompt: str, services: HostServices, warnings: list[
             warnings.append(f"re-initialisation: concept {spec.name!r} keeps its noise (give it a class word "
                             "that is in the main prompt to move it)")
     return found
+
+
+def _own_class_tokens(spec, prompt: str, services: HostServices, warnings: list[str]) -> list[int] | None:
+    """Positions of the concept's class word in its own prompt, whose attention concept
+    enhancement guides (a concept without one is not guided, with a warning)."""
+    word = spec.class_word.strip()
+    positions = services.word_positions(prompt, word) if word and hasattr(services, "word_positions") else []
+    if not positions:
+        warnings.append(f"concept enhancement: concept {spec.name!r} is not guided (give it a class word that is "
+                        "in its own prompt)")
+        return None
+    return positions[0]
 
 
 def _per_image(services: HostServices, prompts: list[str], loras) -> Conditioning:

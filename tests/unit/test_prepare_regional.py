@@ -49,3 +49,12 @@ def test_reinit_reads_each_drawn_concepts_class_word_in_the_main_prompt(unet):
     assert any("'dog' keeps its noise" in w for w in prepared.warnings)
     off, _ = run(unet, Services({}), job(*concepts(), mode="regional"))
     assert [c.class_tokens for c in off.plan.concepts] == [None, None, None]
+
+
+def test_enhancement_reads_each_concepts_class_word_in_its_own_prompt(unet):
+    """concept 1's own prompt 'photo of alice man': man at 4; concept 2 has none: the main
+    prompt's, woman at 5; concept 3's dog is in neither: not guided, with a warning."""
+    prepared, _ = run(unet, Services({}), job(*concepts(), mode="regional", enhance=True))
+    assert prepared.plan.options.enhance
+    assert [c.own_class_tokens for c in prepared.plan.concepts] == [[4], [5], None]
+    assert any("'dog' is not guided" in w for w in prepared.warnings)

@@ -17,10 +17,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def make_lora_forward(original, ops_by_concept: dict[int, list], run: RunState):
-    # the ops follow the input's device and compute dtype: a host may move or cast the UNet after
-    # the job was prepared (Forge loads it to the GPU for sampling, or computes in another dtype);
-    # each op keeps what it placed (dense and DoRA parts included) for the session
+def placed_ops(ops_by_concept: dict[int, list]):
+    """`ops_for(x)`: each concept's ops on the input's device and compute dtype. A host may move
+    or cast the UNet after the job was prepared (Forge loads it to the GPU for sampling, or
+    computes in another dtype); each op keeps what it placed (dense and DoRA parts included)
+    for the session."""
     placed: dict[tuple, dict[int, list]] = {}
 
     def ops_for(x):
@@ -28,6 +29,11 @@ def make_lora_forward(original, ops_by_concept: dict[int, list], run: RunState):
         if key not in placed:
             placed[key] = {c: [op.to(*key) for op in ops] for c, ops in ops_by_concept.items()}
         return placed[key]
+    return ops_for
+
+
+def make_lora_forward(original, ops_by_concept: dict[int, list], run: RunState):
+    ops_for = placed_ops(ops_by_concept)
 
     def forward(x, *args, **kwargs):
         y = original(x, *args, **kwargs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ...hooks.lora_rows import compute_dtype
+from ...hooks.lora_rows import placed_ops
 from ...hooks.state import RunState
 from .call import NO_CONCEPT, RegionalCall
 
@@ -23,13 +23,7 @@ def _delta(ops, x):
 def make_regional_lora_forward(original, ops_by_concept: dict[int, list], run: RunState, *, context_layer: bool):
     """context_layer: the layer projects a text context (cross-attention to_k / to_v): it has no
     region; a concept's LoRA acts on it only in that concept's branch."""
-    placed: dict[tuple, dict[int, list]] = {}
-
-    def ops_for(x):
-        key = (x.device, compute_dtype(x))
-        if key not in placed:
-            placed[key] = {c: [op.to(*key) for op in ops] for c, ops in ops_by_concept.items()}
-        return placed[key]
+    ops_for = placed_ops(ops_by_concept)
 
     def forward(x, *args, **kwargs):
         y = original(x, *args, **kwargs)

@@ -22,7 +22,6 @@ import contextlib
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .state import CallState, RunState
 

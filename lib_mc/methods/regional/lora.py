@@ -6,8 +6,6 @@ are the host's own: no extra UNet rows, no weight merging."""
 
 from __future__ import annotations
 
-import torch
-
 from ...hooks.lora_rows import placed_ops
 from ...hooks.state import RunState
 from .call import NO_CONCEPT, RegionalCall

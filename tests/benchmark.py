@@ -1,13 +1,19 @@
-"""Cost of two-stage multi-concept sampling against a plain generation, measured in one run.
+"""Cost of multi-concept sampling (both modes) against a plain generation, measured in one run.
 
     python tests/benchmark.py [--steps 20] [--size 256] [--channels 64] [--device auto] [--threads 1]
+                              [--modes blend,regional] [--repeats 1] [--lora-rank 16]
 
-For plain and for 1, 2 and 4 concepts (same UNet, steps, seed, Euler a) it prints UNet
-sample-evaluations per image, their ratio to plain, the wall-time ratio to plain, the peak
-memory above the model, and what the naive way (stage 1 + every branch separately, every
-step, as OMG's official code does) would evaluate. Then the memory one more row adds to a
-UNet call, measured and as lib_mc/memory.py estimates it, and from both the peak of 4
-concepts at SDXL 1024x1024, batch 2, and the rows per call a 12 GB card holds.
+For plain and, per mode, for 1, 2 and 4 concepts (same UNet, steps, seed, Euler a, every
+concept with its own kohya LoRA on the attention, feed-forward and proj_in/proj_out layers) it
+prints UNet sample-evaluations per image, their ratio to plain, the wall-time ratio to plain
+(the median over --repeats, each against a plain run just before it), the peak memory above the
+model, and for blend what the naive way (stage 1 + every branch separately, every step, as
+OMG's official code does) would evaluate. Regional runs draw their regions from the first step
+(start_at 0) with concept isolation on every step (the defaults); two more rows show what
+isolation alone costs (2 concepts without it) and re-initialisation (2 concepts with it: one
+probe call of cond rows before the pass). Then the memory one more row adds to a UNet call,
+measured and as lib_mc/memory.py estimates it, and from both the peak of 4 concepts at SDXL
+1024x1024, batch 2, and the rows per call a 12 GB card holds.
 
 torch runs one thread unless --threads says otherwise, and the load average is printed at the
 start and the end: time ratios on a CPU shared with other work are only as good as that load.
@@ -29,11 +35,18 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lib_mc.engine import MultiConceptSession  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from lib_mc.engine import HostPass, make_session  # noqa: E402
 from lib_mc.lora import load_network  # noqa: E402
 from lib_mc.memory import GIB, UNetShape, estimate_bytes_per_row, rows_that_fit  # noqa: E402
 from lib_mc.plan import build_plan  # noqa: E402
-from tinyhost import CFGHost, TinyLDM, count_unet_rows, random_context, write_lora  # noqa: E402
+from tinyhost import CFGHost, TinyLDM, count_unet_rows, random_context  # noqa: E402
+
+# the layers a kohya LoRA (networks.lora, not LoCon) trains in SD1.5's UNet: every transformer
+# block's attention projections, both feed-forward layers and proj_in / proj_out (1x1 convs)
+KOHYA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                 "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 
 
 class PeakMemory:
@@ -154,11 +167,31 @@ def build_unet(channels: int, context_dim: int, device):
     return unet.eval().to(device)
 
 
-def run_sampler(host, steps, latent_hw, device, seed=0):
+def write_kohya_lora(path: str, unet: torch.nn.Module, seed: int, rank: int, alpha: float = 8.0) -> int:
+    """A kohya-format LoRA file of this rank on KOHYA_TARGETS; returns the number of layers."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if not name.endswith(KOHYA_TARGETS) or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        weight = module.weight
+        tail = tuple(weight.shape[2:])   # (1, 1) for the proj convs
+        key = "lora_unet_" + name.replace(".", "_")
+        state[f"{key}.lora_down.weight"] = torch.randn((rank, weight.shape[1]) + tail, generator=gen) * 0.05
+        state[f"{key}.lora_up.weight"] = torch.randn((weight.shape[0], rank) + (1,) * len(tail), generator=gen) * 0.05
+        state[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(state, path)
+    return len(state) // 3
+
+
+def run_sampler(host, steps, latent_hw, device, seed=0, initial=None):
+    """Euler a from the seed's noise (or `initial`, unscaled noise of that shape); the ancestral
+    noise always comes from the seed, after the initial noise's draw."""
     from k_diffusion import sampling
     gen = torch.Generator(device="cpu").manual_seed(seed)
     sigmas = host.inner.get_sigmas(steps).to(device)
-    x = (torch.randn((1, 4) + latent_hw, generator=gen) * sigmas[0].cpu()).to(device)
+    drawn = torch.randn((1, 4) + latent_hw, generator=gen)
+    x = ((drawn if initial is None else initial.cpu()) * sigmas[0].cpu()).to(device)
     noise = lambda s, s_next: torch.randn(x.shape, generator=gen).to(device)  # noqa: E731
     host.step, host.total_steps = 0, steps
     # like A1111: fp32 latents, UNet matmuls in fp16 under autocast on CUDA
@@ -179,7 +212,10 @@ def main():
     parser.add_argument("--start-at", type=float, default=0.3)
     parser.add_argument("--concepts", default="1,2,4")
     parser.add_argument("--auto-concepts", default="2",
-                        help="also time these counts with automatic regions (stage-1 attention recording); '' skips")
+                        help="blend: also time these counts with automatic regions (stage-1 attention recording); "
+                             "'' skips")
+    parser.add_argument("--modes", default="blend,regional", help="which methods to time beside plain")
+    parser.add_argument("--lora-rank", type=int, default=16, help="rank of every concept's LoRA (kohya: 16-32)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--host-attention", choices=["sdp", "ldm"], default="sdp",
@@ -209,14 +245,21 @@ def main():
     folder = tempfile.mkdtemp()
     counts = [int(c) for c in args.concepts.split(",")]
     auto_counts = [int(c) for c in args.auto_concepts.split(",") if c.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(modes) - {"blend", "regional"}
+    if unknown:
+        parser.error(f"--modes: unknown mode {sorted(unknown)[0]!r} (known: blend, regional)")
+    if "blend" not in modes:
+        auto_counts = []
+    regional_extra = [2] if "regional" in modes else []   # isolation off / re-initialisation rows
     networks = []
-    for i in range(max(counts + auto_counts)):
+    for i in range(max(counts + auto_counts + regional_extra)):
         path = os.path.join(folder, f"concept{i}.safetensors")
-        write_lora(path, unet.cpu(), seed=100 + i, rank=16)
+        layers = write_kohya_lora(path, unet.cpu(), seed=100 + i, rank=args.lora_rank)
         networks.append(load_network(path))
     unet.to(device)
 
-    def plan_for(n, auto=False):
+    def plan_for(n, auto=False, **options):
         if auto:   # concept i watches context token 1 + i of the base prompt
             return build_plan([dict(cond=context(10 + i), loras=[(networks[i], 0.8)], auto_tokens=[1 + i])
                                for i in range(n)], (args.size, args.size), start_at=args.start_at)
@@ -225,57 +268,90 @@ def main():
             mask = torch.zeros(args.size, args.size)
             mask[:, i * args.size // n:(i + 1) * args.size // n] = 1
             masks.append(mask)
-        return build_plan([dict(cond=context(10 + i), loras=[(networks[i], 0.8)], mask=masks[i])
-                           for i in range(n)], (args.size, args.size), start_at=args.start_at)
+        # class word of concept i: context token 1 + i (only re-initialisation reads it)
+        return build_plan([dict(cond=context(10 + i), loras=[(networks[i], 0.8)], mask=masks[i],
+                                class_tokens=[1 + i]) for i in range(n)], (args.size, args.size),
+                          **{"start_at": args.start_at, **options})
 
     def plain():
         host.route = None
         return run_sampler(host, args.steps, latent_hw, device)
 
     def two_stage(n, auto=False):
-        session = MultiConceptSession(unet, plan_for(n, auto))
+        session = make_session("blend", unet, plan_for(n, auto))
         host.route = session.denoise
         with session.stage1():
             run_sampler(host, args.steps, latent_hw, device)
         with session.stage2():
             return run_sampler(host, args.steps, latent_hw, device)
 
+    def regional(n, **options):
+        """One pass; drawn regions from the first step. With reinit through session.sample, as a
+        host samples a batch: the probe pass stops at its first call, the real pass samples the
+        re-initialised noise with the same ancestral noise."""
+        session = make_session("regional", unet, plan_for(n, start_at=0.0, **options))
+        host.route = session.denoise
+        if not options.get("reinit"):
+            with session.single_pass():
+                return run_sampler(host, args.steps, latent_hw, device)
+        initial = torch.randn((1, 4) + latent_hw, generator=torch.Generator().manual_seed(0))
+        return session.sample(HostPass(sample=lambda noise: run_sampler(host, args.steps, latent_hw, device,
+                                                                        initial=noise),
+                                       initial=initial, replay_noise=lambda: None))
+
     plain()  # warm-up
     rows = count_unet_rows(unet)
     results = []
-    runs = [("plain", plain)] + [(f"{n} concept{'s' * (n > 1)}", (lambda n=n: two_stage(n))) for n in counts]
-    runs += [(f"{n} auto", (lambda n=n: two_stage(n, auto=True))) for n in auto_counts]
-    for label, fn in runs:
-        times, ratios = [], []
+    runs = [("plain", 0, "plain", plain)]
+    if "blend" in modes:
+        runs += [(f"blend {n}", n, "blend", (lambda n=n: two_stage(n))) for n in counts]
+        runs += [(f"blend {n} auto", n, "blend", (lambda n=n: two_stage(n, auto=True))) for n in auto_counts]
+    if "regional" in modes:
+        runs += [(f"regional {n}", n, "regional", (lambda n=n: regional(n))) for n in counts]
+        runs += [("regional 2 no isolation", 2, "regional", lambda: regional(2, isolation=False)),
+                 ("regional 2 reinit", 2, "regional", lambda: regional(2, reinit=True))]
+    plain_times = []
+    for label, n, mode, fn in runs:
+        ratios, cpu_ratios = [], []
         for _ in range(args.repeats):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             plain()
-            plain_time = time.perf_counter() - start
+            plain_time, plain_cpu = time.perf_counter() - start, time.process_time() - cpu_start
             rows.count = 0
             with PeakMemory(device) as memory:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 fn()
-                elapsed = time.perf_counter() - start
-            times.append(elapsed)
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            plain_times.append(plain_time)
             ratios.append(elapsed / plain_time)
-        results.append((label, rows.count, statistics.median(ratios), memory.extra_mb))
+            cpu_ratios.append(cpu / plain_cpu)
+        results.append((label, n, mode, rows.count, statistics.median(ratios), memory.extra_mb,
+                        statistics.median(cpu_ratios)))
     rows.remove()
+    host.route = None
 
     plain_evals = 2 * args.steps
     start_step = round(args.start_at * args.steps)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"host attention {args.host_attention}, UNet model_channels {args.channels} context {args.context_dim}, "
           f"{args.size}x{args.size}, "
-          f"{args.steps} steps Euler a, CFG, blending from step {start_step}, batch 1")
+          f"{args.steps} steps Euler a, CFG, batch 1; blend from step {start_step}, regional from step 0")
+    print(f"each concept: a kohya LoRA of rank {args.lora_rank} on {layers} layers (attention, ff, proj_in/out), "
+          f"weight 0.8; regions: vertical strips")
     print(f"torch threads {torch.get_num_threads()} of {os.cpu_count()} CPUs; load average (1 min) "
-          f"{load_at_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end")
-    print(f"{'run':<12}{'UNet evals':>11}{'x plain':>9}{'time x plain':>14}{'peak MB':>9}"
-          f"{'naive evals':>13}{'naive x':>9}")
-    for label, evals, ratio, peak in results:
-        n = 0 if label == "plain" else int(label.split()[0])
-        naive = plain_evals + args.steps * (2 + 2 + 2 * n) if n else plain_evals
-        print(f"{label:<12}{evals:>11}{evals / plain_evals:>9.2f}{ratio:>14.2f}{peak:>9.1f}"
-              f"{naive:>13}{naive / plain_evals:>9.2f}")
+          f"{load_at_start[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
+          f"plain run {statistics.median(plain_times):.2f} s (median of {len(plain_times)}), "
+          f"time ratios: median of {args.repeats}")
+    if device.type == "cpu":
+        print("cpu time x: the process's CPU time (all its threads) against plain's: unlike wall time, "
+              "it leaves out waiting for a core that other work holds")
+    print(f"{'run':<25}{'UNet evals':>11}{'x plain':>9}{'time x plain':>14}{'peak MB':>9}"
+          f"{'naive evals':>13}{'naive x':>9}{'cpu time x':>12}")
+    for label, n, mode, evals, ratio, peak, cpu_ratio in results:
+        naive = plain_evals + args.steps * (2 + 2 + 2 * n) if mode == "blend" else plain_evals
+        naive_cells = f"{naive:>13}{naive / plain_evals:>9.2f}" if mode != "regional" else f"{'-':>13}{'-':>9}"
+        print(f"{label:<25}{evals:>11}{evals / plain_evals:>9.2f}{ratio:>14.2f}{peak:>9.1f}{naive_cells}"
+              f"{cpu_ratio:>12.2f}")
 
     if args.row_batches.strip():
         batches = tuple(int(b) for b in args.row_batches.split(","))

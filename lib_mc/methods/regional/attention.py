@@ -7,10 +7,10 @@
   (which projects q per branch) and Forge (which hands over one q) compute the same. Each
   concept's branch runs on its region's tokens only, so it costs its area.
 - self-attention, concept isolation: queries of concept i's region do not attend to keys of
-  other concepts' regions (background queries and keys take part everywhere). Low-resolution
-  layers use one SDPA call with a boolean (rows, 1, N, N) mask; above MASK_MAX_TOKENS the same
+  other concepts' regions (background queries and keys take part everywhere). The smallest
+  grids use one SDPA call with a boolean (rows, 1, N, N) mask; above MASK_MAX_TOKENS the same
   attention is computed per segment (each region's queries over its own and the background's
-  keys), with no N x N mask at all.
+  keys), with no N x N mask at all, so SDPA keeps its flash / memory-efficient kernels.
 
 `make_regional_attention_forward` wraps an ldm-shaped attention module (A1111): the branches
 call the host's own (chained) attention forward on the region's tokens. `regional_attend`
@@ -26,26 +26,33 @@ from ...hooks.attention import HostAttention, _given
 from ...hooks.state import RunState
 from .call import NO_CONCEPT, RegionalCall
 
-MASK_MAX_TOKENS = 1024   # a (N, N) boolean mask per row up to 1 MiB; above, segments
+MASK_MAX_TOKENS = 256   # a mask forces SDPA's math kernel (N x N scores per head): only the smallest grids
 
 
-def blend_cross(x_tokens: int, call: RegionalCall, main, branch, like: torch.Tensor) -> torch.Tensor:
-    """main(): the main prompt's output for every token; branch(i, tokens): concept i's output
-    for those tokens (index tensor). -> the region-weighted output."""
+def blend_cross(x_tokens: int, call: RegionalCall, branch_output, like: torch.Tensor) -> torch.Tensor:
+    """branch_output(branch, tokens): the cross-attention output of `branch` (NO_CONCEPT: the main prompt;
+    i: concept i's) for those token positions (None: all). -> the region-weighted output. Each
+    branch, the main prompt's included, runs only on the tokens where its weight is not 0."""
     weights = call.token_weights(x_tokens, like)
-    with call.scoped(NO_CONCEPT):
-        out = main()
     if weights is None:
-        return out
-    out = out * weights[0][..., None]
-    for i in range(len(call.contexts)):
-        w = weights[i + 1]
-        tokens = (w > 0).any(0).nonzero().flatten()
-        if tokens.numel() == 0:
+        with call.scoped(NO_CONCEPT):
+            return branch_output(NO_CONCEPT, None)
+    out = None
+    for slot, branch in enumerate([NO_CONCEPT, *range(len(call.contexts))]):
+        w = weights[slot]
+        inside = (w > 0).any(0)
+        count = int(inside.sum())
+        if count == 0:
             continue
-        with call.scoped(i, (tokens, x_tokens)):
-            part = branch(i, tokens)
-        out[:, tokens] += w[:, tokens, None] * part
+        tokens = None if count == x_tokens else inside.nonzero().flatten()
+        with call.scoped(branch, None if tokens is None else (tokens, x_tokens)):
+            part = branch_output(branch, tokens)
+        if out is None:
+            out = part.new_zeros((part.shape[0], x_tokens, part.shape[-1]))
+        if tokens is None:
+            out += w[..., None] * part
+        else:
+            out[:, tokens] += w[:, tokens, None] * part
     return out
 
 
@@ -112,10 +119,13 @@ def regional_attend(q, k, v, heads: int, call: RegionalCall, *, cross: bool, hos
         if _captures(call, q.shape[1]):
             _capture_cross(call, q, heads, module)
 
-        def branch(i, tokens):
-            context = call.contexts[i].to(q.device)
-            return host(q[:, tokens], module.to_k(context), module.to_v(context))
-        return blend_cross(q.shape[1], call, lambda: host(q, k, v), branch, q)
+        def branch_output(branch, tokens):
+            queries = q if tokens is None else q[:, tokens]
+            if branch == NO_CONCEPT:
+                return host(queries, k, v)
+            context = call.contexts[branch].to(q.device)
+            return host(queries, module.to_k(context), module.to_v(context))
+        return blend_cross(q.shape[1], call, branch_output, q)
     if _captures(call, q.shape[1]):
         call.capture.add_self(q, k, heads)
     if call.isolate and call.grid_of(q.shape[1]) is not None:
@@ -132,9 +142,10 @@ def make_regional_attention_forward(module, original, run: RunState):
             if _captures(call, x.shape[1]):
                 _capture_cross(call, module.to_q(x), module.heads, module)
 
-            def branch(i, tokens):
-                return original(x[:, tokens], context=call.contexts[i].to(x.device, context.dtype), **kwargs)
-            return blend_cross(x.shape[1], call, lambda: original(x, context=context, **kwargs), branch, x)
+            def branch_output(branch, tokens):
+                own = context if branch == NO_CONCEPT else call.contexts[branch].to(x.device, context.dtype)
+                return original(x if tokens is None else x[:, tokens], context=own, **kwargs)
+            return blend_cross(x.shape[1], call, branch_output, x)
         captures = _captures(call, x.shape[1])
         if call.isolate and call.grid_of(x.shape[1]) is not None:
             q, k, v = module.to_q(x), module.to_k(x), module.to_v(x)

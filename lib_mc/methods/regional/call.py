@@ -11,6 +11,7 @@ import torch
 from ...plan import Plan
 
 NO_CONCEPT = -1
+GATHER_BELOW = 0.5   # a region covering less than this share of the tokens is gathered
 
 
 class RegionalCall:
@@ -29,6 +30,8 @@ class RegionalCall:
         self.tokens: tuple[torch.Tensor, int] | None = None   # a branch's gathered token positions, of how many
         self._weights: dict[tuple, torch.Tensor] = {}
         self._labels: dict[tuple, torch.Tensor] = {}
+        self._parts: dict[tuple, tuple | None] = {}
+        self._gathers = self._gather_id = 0
 
     @property
     def rows(self) -> int:
@@ -38,12 +41,15 @@ class RegionalCall:
     def scoped(self, branch: int, tokens: tuple[torch.Tensor, int] | None = None):
         """Concept `branch`'s LoRA on the text layers, and (tokens, n): the image-token layers see
         only those of n token positions."""
-        before = self.branch, self.tokens
+        before = self.branch, self.tokens, self._gather_id
         self.branch, self.tokens = branch, tokens
+        if tokens is not None:   # a new gather: parts cached for it are its own (ids of freed tensors recur)
+            self._gathers += 1
+            self._gather_id = self._gathers
         try:
             yield
         finally:
-            self.branch, self.tokens = before
+            self.branch, self.tokens, self._gather_id = before
 
     def _regions_of(self, image: int):
         plan = self.plan
@@ -76,6 +82,26 @@ class RegionalCall:
             return None
         weights = self.weights_at(hw, like).flatten(2)
         return weights if positions is None else weights[:, :, positions.to(weights.device)]
+
+    def region_part(self, concept: int, n_tokens: int, like: torch.Tensor):
+        """Where concept's LoRA acts among n_tokens image tokens: None (nowhere), else (positions or
+        None for all tokens, weights (rows, k, 1)). A small region is gathered, so its delta
+        costs its area; a large one is computed everywhere and weighted (cheaper than gathering)."""
+        key = (concept, n_tokens, self._gather_id if self.tokens is not None else None, like.device, like.dtype)
+        if key not in self._parts:
+            weights = self.token_weights(n_tokens, like)
+            part = None
+            if weights is not None:
+                w = weights[concept + 1]
+                inside = (w > 0).any(0)
+                count = int(inside.sum())
+                if count == w.shape[1] or count > GATHER_BELOW * w.shape[1]:
+                    part = (None, w[..., None])
+                elif count:
+                    positions = inside.nonzero().flatten()
+                    part = (positions, w[:, positions, None])
+            self._parts[key] = part
+        return self._parts[key]
 
     def labels(self, n_tokens: int, device) -> torch.Tensor:
         """(rows, n_tokens) long: 0 background, i + 1 concept i, where the weight is largest."""

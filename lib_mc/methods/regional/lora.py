@@ -32,27 +32,24 @@ def make_regional_lora_forward(original, ops_by_concept: dict[int, list], run: R
             if call.branch != NO_CONCEPT and call.branch in ops_by_concept:
                 y = y + _delta(ops_for(x)[call.branch], x).to(y.dtype)
             return y
-        if x.dim() == 4:
-            # at the output's size: a stride-2 conv halves it
-            weights = call.weights_at(tuple(y.shape[-2:]), y)[:, :, None]            # (n+1, rows, 1, h, w)
-        elif x.dim() == 3:
-            weights = call.token_weights(x.shape[1], y)
-            if weights is None:
-                return y   # not image tokens
-            weights = weights[..., None]                                             # (n+1, rows, N, 1)
-        else:
-            return y   # no spatial extent (time embedding): a region cannot apply
-        for concept, ops in ops_for(x).items():
-            w = weights[concept + 1]
-            if x.dim() == 3:
-                tokens = (w[..., 0] > 0).any(0).nonzero().flatten()
-                if tokens.numel() == 0:
-                    continue
-                if tokens.numel() == x.shape[1]:
+        if x.dim() == 3:
+            for concept, ops in ops_for(x).items():
+                part = call.region_part(concept, x.shape[1], y)
+                if part is None:
+                    continue   # no region at this layer (or not image tokens)
+                positions, w = part
+                if positions is None:
                     y = y + w * _delta(ops, x).to(y.dtype)
                 else:   # only the region's tokens: the delta costs its area
-                    y[:, tokens] += w[:, tokens] * _delta(ops, x[:, tokens]).to(y.dtype)
-            elif w.any():
+                    y[:, positions] += w * _delta(ops, x[:, positions]).to(y.dtype)
+            return y
+        if x.dim() != 4:
+            return y   # no spatial extent (time embedding): a region cannot apply
+        # at the output's size: a stride-2 conv halves it
+        weights = call.weights_at(tuple(y.shape[-2:]), y)[:, :, None]            # (n+1, rows, 1, h, w)
+        for concept, ops in ops_for(x).items():
+            w = weights[concept + 1]
+            if w.any():
                 y = y + w * _delta(ops, x).to(y.dtype)
         return y
     return forward

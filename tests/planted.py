@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 LATENT = (16, 16)
-GRID_TOKENS = {(LATENT[0] >> level) ** 2 for level in range(4)}   # the UNet's four square grids
 
 
 class PlantedKey(nn.Module):
@@ -32,8 +31,9 @@ class PlantedQuery(nn.Module):
     def forward(self, x):
         q = self.inner(x)
         n = x.shape[1]
-        if n not in GRID_TOKENS:   # a regional branch's gathered tokens: no grid to plant on
-            return q
+        h, w = self.cells[0][0].shape   # the latent the cells are drawn on
+        if n not in {-(-h // 2 ** level) * -(-w // 2 ** level) for level in range(4)}:
+            return q   # a regional branch's gathered tokens: no grid to plant on
         side = int(round(n ** 0.5))   # square latents in these tests
         for row in range(q.shape[0]):
             image = row % len(self.cells)   # cond and uncond rows of image b

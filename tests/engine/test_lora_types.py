@@ -14,7 +14,7 @@ from k_diffusion.external import CompVisDenoiser
 from safetensors.torch import save_file
 from torch import nn
 
-from lib_mc.engine import MultiConceptSession
+from lib_mc.engine import MultiConceptSession, make_session
 from lib_mc.lora import LoraUse, bind_loras, load_network
 from lib_mc.lora.ops import DoraOp
 from lib_mc.plan import build_plan
@@ -63,7 +63,7 @@ def run_concept(unet, network, strength, warn=None, seed=5, calls=1):
     cond, uncond, concept_cond = random_context(1), random_context(2), random_context(3)
     plan = build_plan([dict(cond=concept_cond, mask=torch.ones(IMAGE), loras=[(network, strength)])],
                       IMAGE, start_at=0.0, layout_replay=False)
-    session = MultiConceptSession(unet, plan, warn=warn or (lambda m: None))
+    session = make_session(MODE["mode"], unet, plan, warn=warn or (lambda m: None))
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn((1, 4, 16, 16), generator=gen) * 3
     x_in, sigma_in = torch.cat([x, x]), torch.full((2,), 3.0)
@@ -72,6 +72,10 @@ def run_concept(unet, network, strength, warn=None, seed=5, calls=1):
     model_fn = lambda x, sigma, cond: denoiser(x, sigma, cond=cond)  # noqa: E731  (as A1111's CFGDenoiser calls it)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     for _ in range(calls):
+        if MODE["mode"] == "regional":   # one pass: the concept's region is the whole image
+            with torch.no_grad(), session.single_pass():
+                out = session.denoise(model_fn, x_in, sigma_in, cond_in, n_cond=1, step=0, total_steps=1)
+            continue
         with torch.no_grad(), session.stage1():
             session.denoise(model_fn, x_in, sigma_in, cond_in, n_cond=1, step=0, total_steps=1)
         with torch.no_grad(), session.stage2():
@@ -91,6 +95,18 @@ def assert_applied(unet, out, reference, ref_unet):
     expected = reference(ref_unet)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
     assert (expected - reference(unet)).abs().max() > 1e-2   # the LoRA changes the output at all
+
+
+MODE = {"mode": "blend"}
+
+
+@pytest.fixture(autouse=True, params=["blend", "regional"])
+def mode(request):
+    """Every LoRA type through both methods: blend's per-row deltas and regional's region-weighted
+    ones (a whole-image region, so the merged weights are the reference for both)."""
+    MODE["mode"] = request.param
+    yield request.param
+    MODE["mode"] = "blend"
 
 
 @pytest.fixture

@@ -103,6 +103,21 @@ class RegionalCall:
             self._parts[key] = part
         return self._parts[key]
 
+    def rank_scale(self, key: tuple, slots: torch.Tensor, size, like: torch.Tensor) -> torch.Tensor | None:
+        """The region weight of the concept each rank channel belongs to (slots: 1 + concept per
+        channel), for a layer whose concepts' ranks are `key`: size n_tokens -> (rows, N, R) for
+        a token layer (None if not image tokens); size (h, w) -> (rows, R, h * w) for a conv."""
+        cache_key = ("rank", key, size, self._gather_id if self.tokens is not None else None, like.device, like.dtype)
+        if cache_key not in self._parts:
+            if isinstance(size, tuple):
+                weights = self.weights_at(size, like).flatten(2)
+                scale = weights[slots.to(weights.device)].transpose(0, 1).contiguous()
+            else:
+                weights = self.token_weights(size, like)
+                scale = None if weights is None else weights[slots.to(weights.device)].permute(1, 2, 0).contiguous()
+            self._parts[cache_key] = scale
+        return self._parts[cache_key]
+
     def labels(self, n_tokens: int, device) -> torch.Tensor:
         """(rows, n_tokens) long: 0 background, i + 1 concept i, where the weight is largest."""
         key = (n_tokens, device)

@@ -232,8 +232,6 @@ def main():
         args.size, args.channels, args.context_dim = 512, 320, 768
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cpu":
-        return_freed_memory_to_the_os()
     if args.host_attention == "sdp":
         from ldm.modules.attention import CrossAttention
         CrossAttention.forward = sdp_attention_forward
@@ -318,15 +316,24 @@ def main():
             plain()
             plain_time, plain_cpu = time.perf_counter() - start, time.process_time() - cpu_start
             rows.count = 0
-            with PeakMemory(device) as memory:
-                start, cpu_start = time.perf_counter(), time.process_time()
-                fn()
-                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            start, cpu_start = time.perf_counter(), time.process_time()
+            fn()
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             plain_times.append(plain_time)
             ratios.append(elapsed / plain_time)
             cpu_ratios.append(cpu / plain_cpu)
-        results.append((label, n, mode, rows.count, statistics.median(ratios), memory.extra_mb,
-                        statistics.median(cpu_ratios)))
+        results.append([label, n, mode, rows.count, statistics.median(ratios), None,
+                        statistics.median(cpu_ratios)])
+    # peak memory in runs of their own, after all timing: on the CPU it is sampled by a thread
+    # (whose CPU time and GIL turns would count against a timed run), and freed memory has to
+    # leave the process to be seen, which makes every allocation a page fault (return_freed_
+    # memory_to_the_os): that would slow the method with more temporaries more than plain
+    if device.type == "cpu":
+        return_freed_memory_to_the_os()
+    for result, (label, n, mode, fn) in zip(results, runs):
+        with PeakMemory(device) as memory:
+            fn()
+        result[5] = memory.extra_mb
     rows.remove()
     host.route = None
 

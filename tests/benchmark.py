@@ -10,8 +10,10 @@ prints UNet sample-evaluations per image, their ratio to plain, the wall-time ra
 model, and for blend what the naive way (stage 1 + every branch separately, every step, as
 OMG's official code does) would evaluate. Regional runs draw their regions from the first step
 (start_at 0) with concept isolation on every step (the defaults); two more rows show what
-isolation alone costs (2 concepts without it) and re-initialisation (2 concepts with it: one
-probe call of cond rows before the pass). Then the memory one more row adds to a UNet call,
+isolation alone costs (2 concepts without it), re-initialisation (2 concepts with it: one
+probe call of cond rows before the pass) and concept enhancement (a forward and a backward of
+the cond rows in each of the first half of the steps: the evaluations column counts the
+forwards). Peak memory is measured after all timing, in runs of its own. Then the memory one more row adds to a UNet call,
 measured and as lib_mc/memory.py estimates it, and from both the peak of 4 concepts at SDXL
 1024x1024, batch 2, and the rows per call a 12 GB card holds.
 
@@ -266,9 +268,10 @@ def main():
             mask = torch.zeros(args.size, args.size)
             mask[:, i * args.size // n:(i + 1) * args.size // n] = 1
             masks.append(mask)
-        # class word of concept i: context token 1 + i (only re-initialisation reads it)
+        # class word of concept i: context token 1 + i (only re-initialisation and enhancement read it)
         return build_plan([dict(cond=context(10 + i), loras=[(networks[i], 0.8)], mask=masks[i],
-                                class_tokens=[1 + i]) for i in range(n)], (args.size, args.size),
+                                class_tokens=[1 + i], own_class_tokens=[1 + i]) for i in range(n)],
+                          (args.size, args.size),
                           **{"start_at": args.start_at, **options})
 
     def plain():
@@ -307,7 +310,8 @@ def main():
     if "regional" in modes:
         runs += [(f"regional {n}", n, "regional", (lambda n=n: regional(n))) for n in counts]
         runs += [("regional 2 no isolation", 2, "regional", lambda: regional(2, isolation=False)),
-                 ("regional 2 reinit", 2, "regional", lambda: regional(2, reinit=True))]
+                 ("regional 2 reinit", 2, "regional", lambda: regional(2, reinit=True)),
+                 ("regional 2 enhance", 2, "regional", lambda: regional(2, enhance=True))]
     plain_times = []
     for label, n, mode, fn in runs:
         ratios, cpu_ratios = [], []

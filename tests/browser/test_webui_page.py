@@ -152,7 +152,7 @@ def test_saved_ui_defaults_come_back_into_the_options_and_never_into_the_concept
         wait_for_job(webui, "job.start_at === 0.55")
         webui.locator("#ui_defaults_apply").dispatch_event("click")
         written = lambda: json.loads(pathlib.Path(path).read_text(encoding="utf8"))  # noqa: E731
-        wait_until(webui, lambda: written().get("txt2img/Concepts start at/value") == 0.55,
+        wait_until(webui, lambda: written().get("txt2img/Concepts start at/value") == "0.55",   # a text box
                    "Settings -> Defaults -> Apply wrote the option", timeout_ms=60000)
         reload_ui(webui, address)
         job = assert_page_shows_the_job(webui)

@@ -612,26 +612,12 @@ def test_split_cond_and_uncond_calls_give_the_batched_calls_rows(world):
 # ---- Forge's routing: the same regional result as A1111's path ------------------------------------
 
 def forge_regional_call(world, plan, x, sigma):
-    """One call through forge_routing as Forge makes it (rows [uncond, cond], attention through
-    replace patches with projected q, k, v); returned in the engine's [cond, uncond] order."""
-    from test_forge_routing import PatcherOptions, forge_block_attention, host_attention
-
-    from lib_mc.hosts.forge_routing import install_attention, make_unet_wrapper
-    batch = x.shape[0]
-    session = make_session("regional", world["unet"], plan, attention_on_modules=False)
-    patcher = PatcherOptions()
-    install_attention(patcher, session, host_attention)
-    denoiser = CompVisDenoiser(world["ldm"])
-
-    def apply_model(xx, tt, c_crossattn=None, transformer_options=None, control=None, **kwargs):
-        return denoiser(xx, tt, cond={"c_crossattn": c_crossattn})
-    args = {"input": torch.cat([x, x]), "timestep": torch.cat([sigma, sigma]), "cond_or_uncond": [1, 0],
-            "c": {"c_crossattn": torch.cat([world["uncond"].expand(batch, -1, -1), world["cond"].expand(batch, -1, -1)]),
-                  "transformer_options": {"sigmas": sigma}, "control": None}}
-    with torch.no_grad(), forge_block_attention(world["unet"], patcher), session.single_pass():
-        out = make_unet_wrapper(session, step=lambda: 0, total_steps=lambda: 1)(apply_model, args)
+    """One call through forge_routing as Forge makes it (test_forge_routing's helper), in the
+    engine's [cond, uncond] order; the UNet left unpatched."""
+    from test_forge_routing import forge_regional
+    out = forge_regional(world, plan, x, sigma)
     assert unpatched(world["unet"])
-    return torch.cat([out[batch:], out[:batch]])
+    return out
 
 
 def quadrants(world, **options):

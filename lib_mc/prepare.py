@@ -19,6 +19,7 @@ from .errors import LoraMismatchError, PlanError
 from .job import Job, JobError
 from .lora.bind import LoraUse
 from .lora.network import Network, load_network
+from .conds import pad_context
 from .plan import Conditioning, Plan, build_plan
 from .auto.masks import HINTS
 from .auto.tokens import assign_occurrences
@@ -231,7 +232,7 @@ def _per_image(services: HostServices, prompts: list[str], loras) -> Conditionin
         tensors = [row[key] for row in rows]
         if tensors[0].dim() == 3:
             length = max(t.shape[1] for t in tensors)
-            tensors = [torch.cat([t, t[:, -1:].expand(-1, length - t.shape[1], -1)], 1) for t in tensors]
+            tensors = [pad_context(t, length) for t in tensors]
         stacked[key] = torch.cat(tensors)
     return stacked
 

@@ -56,6 +56,14 @@ class Options:
     isolation_until: float = 1.0       # ... during this fraction of steps
     reinit: bool = False               # re-initialise each drawn concept's noise from a probe at the first step
     enhance: bool = False              # gradient guidance on the concepts' attention during the first steps
+    # conductor mode only
+    mask_refine: bool = True           # every concept's mask re-segmented from decoder self-attention (k-means)
+    mask_refine_from: float = 0.25     # ... from this fraction of the steps
+    mask_refine_until: float = 0.4     # ... until this one
+    mask_refine_every: float = 0.025   # ... every this fraction of the steps (the paper: 5 of 200)
+    mask_refine_k: int = 0             # k-means segments; 0: every k from N + 1 to 2N + 1 (the paper)
+    align_until: float = 0.3           # with a reference picture: layout alignment during this fraction of steps
+    align_step: float = 0.0            # ... gradient step size; 0: the paper's (10 SD1.5, 40 SDXL)
 
 
 @dataclass
@@ -111,7 +119,7 @@ class Plan:
         hw = (int(image_size[0]), int(image_size[1]))
         scale = hw[0] / self.image_size[0]
         options = replace(self.options, start_at=0.0, layout_replay=False, refine_every=0, reinit=False, enhance=False,
-                          feather=self.options.feather * scale)
+                          mask_refine=False, align_until=0.0, feather=self.options.feather * scale)
         masks = [c.mask if c.mask is not None else torch.ones(hw) for c in self.concepts]
         plan = Plan(list(self.concepts), hw, options,
                     regions=RegionWeights(masks, hw, back_to_front=self.back_to_front(), feather_px=options.feather))
@@ -250,6 +258,13 @@ def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: An
     opts.refine_until = _number(opts.refine_until, "refine_until", 0.0, 1.0)
     opts.auto_grow = _number(opts.auto_grow, "auto_grow")
     opts.isolation_until = _number(opts.isolation_until, "isolation_until (regional mode)", 0.0, 1.0)
+    for name in ("mask_refine_from", "mask_refine_until", "mask_refine_every", "align_until"):
+        setattr(opts, name, _number(getattr(opts, name), f"{name} (conductor mode)", 0.0, 1.0))
+    opts.align_step = _number(opts.align_step, "align_step (conductor mode)", 0.0)
+    if not isinstance(opts.mask_refine, bool):
+        raise PlanError("mask_refine (conductor mode)", f"must be true or false, got {opts.mask_refine!r}")
+    if isinstance(opts.mask_refine_k, bool) or not isinstance(opts.mask_refine_k, int) or opts.mask_refine_k < 0:
+        raise PlanError("mask_refine_k (conductor mode)", f"must be a whole number >= 0, got {opts.mask_refine_k!r}")
     for name in ("isolation", "reinit", "enhance"):
         if not isinstance(getattr(opts, name), bool):
             raise PlanError(f"{name} (regional mode)", f"must be true or false, got {getattr(opts, name)!r}")

@@ -111,9 +111,23 @@ def attention_module(unet, block: str, number: int, index: int, name: str):
     return None
 
 
+def make_output_patch(session, name: str):
+    """An attention output patch `fn(n, extra_options)` (n: after to_out, before the residual
+    add) for the methods that act there; a layer is named by (attn1/attn2, block, index)."""
+    def patch(n, extra_options):
+        block = extra_options.get("block")
+        return session.attention_output(n, layer=(name, block, extra_options.get("block_index", 0)),
+                                        decoder=block is not None and block[0] == "output")
+    return patch
+
+
 def install_attention(patcher, session, host_attention) -> None:
     """Attention replace patches on every transformer block of a (cloned) UnetPatcher, keeping
-    the ones other extensions set as their pass-through."""
+    the ones other extensions set as their pass-through; attention output patches where the
+    session's method acts on the outputs (Forge applies to_out itself, after the replace patch)."""
+    if session.acts_on_attention_output:
+        patcher.set_model_attn1_output_patch(make_output_patch(session, "attn1"))
+        patcher.set_model_attn2_output_patch(make_output_patch(session, "attn2"))
     replaced = patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
     for name, cross in (("attn1", False), ("attn2", True)):
         before = dict(replaced.get(name, {}))

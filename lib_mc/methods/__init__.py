@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .base import SessionBase
 from .blend import BlendSession
+from .conductor import ConductorSession
 from .regional import RegionalSession
 
-SESSIONS: dict[str, type[SessionBase]] = {"blend": BlendSession, "regional": RegionalSession}
+SESSIONS: dict[str, type[SessionBase]] = {"blend": BlendSession, "regional": RegionalSession,
+                                          "conductor": ConductorSession}
 
 
 def make_session(mode: str, unet, plan, **kwargs) -> SessionBase:

@@ -50,6 +50,7 @@ class HostPass:
 
 class SessionBase:
     mode = ""
+    acts_on_attention_output = False   # the host must route attention outputs to `attention_output`
 
     def __init__(self, unet: nn.Module, plan: Plan, *, context_key: str = "c_crossattn", warn=print,
                  attention_on_modules: bool = True):
@@ -70,6 +71,8 @@ class SessionBase:
         self.recorder = AttentionRecorder([c.auto_tokens for c in auto], _tokens_per_image(auto)) if auto else None
         self.recorders: list[AttentionRecorder] = []
         self.record_patches = PatchSet()
+        self._host: HostPass | None = None
+        self._x0: dict[int, torch.Tensor] = {}   # image -> the latest x0 prediction of its cond row
         if self.recorder is not None:
             self.add_recorder(self.recorder)
 
@@ -133,6 +136,11 @@ class SessionBase:
             return out
         return self._attend(q, k, v, heads, cross=cross, decoder=decoder, host=host, module=module)
 
+    def attention_output(self, out: torch.Tensor, *, layer, decoder: bool) -> torch.Tensor:
+        """For hosts that apply to_out themselves (Forge): an attention layer's output after
+        to_out, before the residual add; `layer` names the layer alike in every call."""
+        return out
+
     @contextlib.contextmanager
     def _recording(self):
         """The plain prompt samples while the class words' cross-attention is recorded."""
@@ -148,6 +156,17 @@ class SessionBase:
             if self.recorder is not None:
                 self.recorder.active = False
             self.phase = None
+
+    @contextlib.contextmanager
+    def _recording_on(self):
+        """Every recorder may record while the method's patches are on (one-pass methods)."""
+        self.record_patches.apply()
+        try:
+            yield
+        finally:
+            self.record_patches.remove()
+            for recorder in self.recorders:
+                recorder.active = False
 
     @contextlib.contextmanager
     def _patched(self, phase: str):
@@ -184,6 +203,39 @@ class SessionBase:
             self.run.call = None
 
     # ---- automatic regions ---------------------------------------------------------------
+
+    def _plain_until_start(self, model_fn, x, sigma, cond, images: CallImages, step: int,
+                           total_steps: int) -> torch.Tensor | None:
+        """One-pass methods: a call before the start step is the host's own (None from the start
+        step on). With automatic regions those calls record the class words' cross-attention and
+        keep the x0 prediction; at the start step the masks are found (the host adds faces and SAM)."""
+        auto_pending = self.recorder is not None and self.plan.image_regions is None
+        if step < self.plan.start_step(total_steps):
+            if not auto_pending:
+                return self._model(model_fn, x, sigma, cond)
+            self.recorder.active, self.recorder.images = True, images.cond
+            out = self._model(model_fn, x, sigma, cond)
+            self._keep_x0(x, sigma, out, images)
+            return out
+        if auto_pending:
+            self.recorder.active = False
+            self._find_now()
+        return None
+
+    def _keep_x0(self, x, sigma, out, images: CallImages) -> None:
+        to_x0 = self._host.to_x0 if self._host is not None else None
+        for row, image in enumerate(images.cond):
+            self._x0[image] = (to_x0(x[row:row + 1], out[row:row + 1], sigma[row:row + 1])[0] if to_x0 is not None
+                               else out[row]).detach()
+
+    def _find_now(self) -> None:
+        host = self._host
+        if host is not None and host.find_regions is not None and self._x0:
+            latents = torch.stack([self._x0[b] for b in sorted(self._x0)])
+            host.layout_image(latents)
+            host.find_regions(latents)
+        else:
+            self.find_regions()
 
     def find_regions(self, faces=None, finish: bool = True) -> torch.Tensor:
         """The automatic concepts' masks from the recorded attention, per image, into the plan.

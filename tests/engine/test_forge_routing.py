@@ -33,6 +33,16 @@ class PatcherOptions:
         replace = self.model_options["transformer_options"].setdefault("patches_replace", {})
         replace.setdefault(name, {})[(block_name, number, transformer_index)] = patch
 
+    def set_model_patch(self, patch, name):
+        patches = self.model_options["transformer_options"].setdefault("patches", {})
+        patches[name] = patches.get(name, []) + [patch]
+
+    def set_model_attn1_output_patch(self, patch):
+        self.set_model_patch(patch, "attn1_output_patch")
+
+    def set_model_attn2_output_patch(self, patch):
+        self.set_model_patch(patch, "attn2_output_patch")
+
 
 def host_attention(q, k, v, heads):
     """Forge's attention_function: (B, n, heads*d) in and out."""
@@ -42,9 +52,11 @@ def host_attention(q, k, v, heads):
 
 
 def forge_block_attention(unet: nn.Module, patcher: PatcherOptions) -> PatchSet:
-    """Forge's BasicTransformerBlock calls a replace patch with projected q, k, v and applies
-    to_out to what it returns; this puts that convention on the ldm attention modules."""
+    """Forge's BasicTransformerBlock calls a replace patch with projected q, k, v, applies
+    to_out to what it returns, then the attention output patches; this puts that convention on
+    the ldm attention modules."""
     table = patcher.model_options["transformer_options"]["patches_replace"]
+    after = patcher.model_options["transformer_options"].get("patches", {})
     patches = PatchSet()
     for name, module in unet.named_modules():
         m = BLOCK_NAME.search(name)
@@ -58,7 +70,10 @@ def forge_block_attention(unet: nn.Module, patcher: PatcherOptions) -> PatchSet:
                 source = x if attn == "attn1" else context
                 q, k, v = module.to_q(x), module.to_k(source), module.to_v(source)
                 options = {"n_heads": module.heads, "block": key[:2], "block_index": key[2]}
-                return module.to_out(table[attn][key](q, k, v, options))
+                out = module.to_out(table[attn][key](q, k, v, options))
+                for patch in after.get(f"{attn}_output_patch", []):
+                    out = patch(out, options)
+                return out
             return forward
         patches.add(module, "forward", wrap)
     return patches
@@ -266,11 +281,11 @@ def a1111_regional(world, plan, x, sigma):
                                torch.cat([sigma, sigma]), cond, n_cond=batch, step=0, total_steps=1)
 
 
-def forge_regional(world, plan, x, sigma, split=False):
+def forge_regional(world, plan, x, sigma, split=False, mode="regional"):
     """The same call through forge_routing as Forge makes it: rows [uncond, cond] in one call, or
     ([uncond], [cond]) apart; the attention through the replace patches. -> [cond, uncond] rows."""
     batch = x.shape[0]
-    session = make_session("regional", world["unet"], plan, attention_on_modules=False)
+    session = make_session(mode, world["unet"], plan, attention_on_modules=False)
     patcher = PatcherOptions()
     install_attention(patcher, session, host_attention)
     denoiser = CompVisDenoiser(world["ldm"])
@@ -321,3 +336,32 @@ def test_forge_regional_call_gives_the_a1111_result_where_regions_cut_through_ce
     a1111 = a1111_regional(world, regional_plan(world, isolation, aligned=False), x, sigma)
     forge = forge_regional(world, regional_plan(world, isolation, aligned=False), x, sigma)
     assert torch.allclose(forge, a1111, rtol=1e-4, atol=1e-4), (forge - a1111).abs().max()
+
+
+# ---- conductor mode: the injection through Forge's attention output patches -------------------
+
+def conductor_plan(world, **options):
+    left, right = torch.zeros(IMAGE), torch.zeros(IMAGE)
+    left[:, :56] = 1
+    right[:, 72:] = 1
+    return build_plan([dict(name="alice", cond=world["alice_cond"], loras=[(world["alice"], 0.8)], mask=left),
+                       dict(name="bob", cond=world["bob_cond"], loras=[(world["bob"], 1.0)], mask=right)],
+                      IMAGE, start_at=0.0, mask_refine=False, **options)
+
+
+@pytest.mark.parametrize("cap", [None, 4], ids=["one-call", "row-cap"])
+@pytest.mark.parametrize("split", [False, True], ids=["batched", "split"])
+def test_forge_conductor_call_gives_the_a1111_result(world, split, cap):
+    x, sigma = inputs(world)
+    batch = x.shape[0]
+    cond = {"c_crossattn": torch.cat([world["cond"].expand(batch, -1, -1), world["uncond"].expand(batch, -1, -1)])}
+    session = make_session("conductor", world["unet"], conductor_plan(world))
+    denoiser = CompVisDenoiser(world["ldm"])
+    with torch.no_grad(), session.single_pass():
+        a1111 = session.denoise(lambda xx, ss, cc: denoiser(xx, ss, cond=cc), torch.cat([x, x]),
+                                torch.cat([sigma, sigma]), cond, n_cond=batch, step=0, total_steps=1)
+    forge = forge_regional(world, conductor_plan(world, max_rows_per_call=cap), x, sigma, split=split, mode="conductor")
+    assert torch.allclose(forge, a1111, rtol=1e-4, atol=1e-4), (forge - a1111).abs().max()
+    with torch.no_grad():
+        plain = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=cond)
+    assert (a1111 - plain).abs().max() > 1e-2   # the concepts were injected

@@ -25,14 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from ...auto.refine import refine_masks
-from ...conds import cat_conds, override, rows_of
 from ...errors import EngineError
 from ...hooks.attention import attend, make_attention_forward
 from ...hooks.lora_rows import make_lora_forward
 from ...hooks.state import CallState
 from ...plan import Conditioning
-from ...rows import RowGroup, RowPlan
 from ..base import HostPass, SessionBase
+from ..branches import branch_parts, chunked, row_plan, stacked_conds
 from ..calls import CallImages
 
 
@@ -42,14 +41,6 @@ class Recorded:
     x: torch.Tensor
     sigma: torch.Tensor
     out: torch.Tensor
-
-
-@dataclass
-class _Part:
-    group: RowGroup
-    x: torch.Tensor
-    sigma: torch.Tensor
-    conds: list[Conditioning]   # row blocks (cond, uncond); contexts may differ in length
 
 
 class BlendSession(SessionBase):
@@ -158,15 +149,15 @@ class BlendSession(SessionBase):
 
     def _blend_call(self, model_fn, x, sigma, cond, images: CallImages, layout_x, step, total_steps) -> torch.Tensor:
         self._check_size(x)
-        parts = self._parts(x, sigma, cond, images, layout_x)
+        layout = layout_x if self.plan.options.layout_replay else None
+        parts = branch_parts(self.plan, x, sigma, cond, images, layout)
         outputs: dict[tuple[str, int], torch.Tensor] = {}
         replay_self = step < self.plan.self_replay_until_step(total_steps)
         refine = bool(images.cond) and self._refine_now(step, total_steps)
-        for chunk in self._chunks(parts):
-            rows = RowPlan()
-            for part in chunk:
-                rows.add(part.group.kind, part.group.n_cond, part.group.n_uncond, part.group.index)
-            conds = self._cat_conds([block for p in chunk for block in p.conds], [b for p in parts for b in p.conds])
+        for chunk in chunked(parts, self.plan.options.max_rows_per_call):
+            rows = row_plan(chunk)
+            conds = stacked_conds(self.plan, self.context_key, [block for p in chunk for block in p.conds],
+                                  [b for p in parts for b in p.conds])
             call = CallState(rows, replay_cross=self.plan.options.layout_replay,
                              replay_self_max_tokens=self._self_replay_tokens() if replay_self else 0,
                              capture_self_tokens=self._self_replay_tokens() if refine else 0)
@@ -226,43 +217,3 @@ class BlendSession(SessionBase):
         """OMG replays self-attention in layers with <= (W/32)*(H/32) tokens: latent / 4."""
         h, w = self.plan.regions.grids[2]
         return h * w
-
-    # ---- batch assembly -----------------------------------------------------------------
-
-    def _parts(self, x, sigma, cond, images: CallImages, layout_x) -> list[_Part]:
-        n_cond, n_uncond = len(images.cond), len(images.uncond)
-        cond_rows, uncond_rows = slice(0, n_cond), slice(n_cond, n_cond + n_uncond)
-        parts = []
-        if self.plan.options.layout_replay and n_cond:
-            parts.append(_Part(RowGroup("layout", -1, 0, n_cond, 0), layout_x, sigma[cond_rows],
-                               [rows_of(cond, cond_rows)]))
-        parts.append(_Part(RowGroup("base", -1, 0, n_cond, n_uncond), x, sigma, [cond]))
-        for index, concept in enumerate(self.plan.concepts):
-            blocks = []
-            if n_cond:
-                blocks.append(override(rows_of(cond, cond_rows), concept.cond, images.cond))
-            if n_uncond:
-                blocks.append(override(rows_of(cond, uncond_rows), concept.uncond, images.uncond))
-            parts.append(_Part(RowGroup("concept", index, 0, n_cond, n_uncond), x, sigma, blocks))
-        return parts
-
-    def _chunks(self, parts: list[_Part]) -> list[list[_Part]]:
-        """Layout and base rows share a call (replay reads across them); concepts fill up to the cap."""
-        limit = self.plan.options.max_rows_per_call
-        head = 2 if parts[0].group.kind == "layout" else 1
-        chunks = [parts[:head]]
-        for part in parts[head:]:
-            size = sum(p.group.size for p in chunks[-1])
-            if limit is not None and size + part.group.size > limit and size > 0:
-                chunks.append([])
-            chunks[-1].append(part)
-        return chunks
-
-    def _cat_conds(self, conds: list[Conditioning], pad_like: list[Conditioning] = ()) -> Conditioning:
-        """Stack conditioning rows. Contexts shorter than the longest of `conds`, `pad_like` (the
-        whole host call) and every concept's own prompts are padded as A1111 stacks prompts of
-        different lengths, so every row is an ordinary prompt to the host's attention and other
-        extensions' patches, and a row's padding does not depend on how the rows are split into calls."""
-        own = [c for concept in self.plan.concepts for c in (concept.cond, concept.uncond) if c is not None]
-        length = max((c[self.context_key].shape[1] for c in [*pad_like, *own] if self.context_key in c), default=0)
-        return cat_conds(conds, self.context_key, length)

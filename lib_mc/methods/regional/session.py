@@ -44,8 +44,6 @@ class RegionalSession(SessionBase):
         super().__init__(*args, **kwargs)
         self._context_layers = {layer for name, m in self.unet.named_modules() if name.endswith("attn2")
                                 for layer in (getattr(m, "to_k", None), getattr(m, "to_v", None)) if layer is not None}
-        self._host: HostPass | None = None
-        self._x0: dict[int, torch.Tensor] = {}   # image -> the latest x0 prediction of its cond row
         self._enhance_losses: dict[int, float] = {}   # step -> loss (the guidance stops once it rises)
         self._enhance_stopped = False
         self.probe = None
@@ -100,16 +98,6 @@ class RegionalSession(SessionBase):
         with self._patched(phase), self._recording_on():
             yield
 
-    @contextlib.contextmanager
-    def _recording_on(self):
-        self.record_patches.apply()
-        try:
-            yield
-        finally:
-            self.record_patches.remove()
-            for recorder in self.recorders:
-                recorder.active = False
-
     # ---- the denoiser call --------------------------------------------------------------
 
     def denoise(self, model_fn, x: torch.Tensor, sigma: torch.Tensor, cond: Conditioning, *,
@@ -120,17 +108,9 @@ class RegionalSession(SessionBase):
         if self.phase != "regional":
             return model_fn(x, sigma, cond)
         self._check_size(x)
-        auto_pending = self.recorder is not None and self.plan.image_regions is None
-        if step < self.plan.start_step(total_steps):
-            if not auto_pending:
-                return self._model(model_fn, x, sigma, cond)
-            self.recorder.active, self.recorder.images = True, images.cond
-            out = self._model(model_fn, x, sigma, cond)
-            self._keep_x0(x, sigma, out, images)
-            return out
-        if auto_pending:
-            self.recorder.active = False
-            self._find_now()
+        plain = self._plain_until_start(model_fn, x, sigma, cond, images, step, total_steps)
+        if plain is not None:
+            return plain
         call = RegionalCall(self.plan, images.all, self._contexts(cond, images),
                             isolate=self._isolating(step, total_steps))
         out = self._model(model_fn, x, sigma, cond, call)
@@ -202,23 +182,6 @@ class RegionalSession(SessionBase):
         if before is not None and value > before and step >= PATIENCE:
             self._enhance_stopped = True
         return grad.detach()
-
-    # ---- automatic regions in the same pass -----------------------------------------------
-
-    def _keep_x0(self, x, sigma, out, images: CallImages) -> None:
-        to_x0 = self._host.to_x0 if self._host is not None else None
-        for row, image in enumerate(images.cond):
-            self._x0[image] = (to_x0(x[row:row + 1], out[row:row + 1], sigma[row:row + 1])[0] if to_x0 is not None
-                               else out[row]).detach()
-
-    def _find_now(self) -> None:
-        host = self._host
-        if host is not None and host.find_regions is not None and self._x0:
-            latents = torch.stack([self._x0[b] for b in sorted(self._x0)])
-            host.layout_image(latents)
-            host.find_regions(latents)
-        else:
-            self.find_regions()
 
     # ---- latent re-initialisation -----------------------------------------------------------
 

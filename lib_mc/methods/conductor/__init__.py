@@ -1,0 +1,3 @@
+from .session import ConductorSession
+
+__all__ = ["ConductorSession"]

@@ -4,8 +4,9 @@ The one script argument is this JSON (a dict or its string). Unknown keys are ig
 known field is checked and a bad one raises JobError naming it (`concepts[1].region.w: ...`).
 Nothing here touches a model or a file path: masks arrive as base64 PNG.
 
-Two modes: "blend" (a layout pass, then the concepts blended in) and "regional" (every concept
-in its region inside one sampling pass). An option only one mode uses (MODE_OF_OPTION) is
+Three modes: "blend" (a layout pass, then the concepts blended in), "regional" (every concept
+in its region inside one sampling pass) and "conductor" (each concept's branch beside the base
+branch, its decoder attention outputs injected into the base rows in its region). An option only one mode uses (MODE_OF_OPTION) is
 ignored by the other mode, left out of its infotext, and named as that mode's in errors.
 """
 
@@ -20,12 +21,16 @@ from typing import Any, Mapping
 from .errors import PlanError
 
 SCHEMA_VERSION = 1
-MODES = ("blend", "regional")
+MODES = ("blend", "regional", "conductor")
 # options read by one mode only; any other top-level option is read by both
 MODE_OF_OPTION = {"layout_replay": "blend", "self_attn_replay_until": "blend",
                   "isolation": "regional", "isolation_until": "regional", "reinit": "regional",
-                  "enhance": "regional"}
-DEFAULT_START = 0.3   # blend; and regional when a region is automatic (found at start_at)
+                  "enhance": "regional",
+                  "mask_refine": "conductor", "mask_refine_from": "conductor", "mask_refine_until": "conductor",
+                  "mask_refine_every": "conductor", "mask_refine_k": "conductor", "reference": "conductor",
+                  "align_until": "conductor", "align_step": "conductor"}
+DEFAULT_START = 0.3   # blend; regional and conductor when a region is automatic (found at start_at)
+MAX_REFINE_K = 32     # conductor: k-means segments at most (the paper's k is at most 2 x 8 concepts + 1)
 MAX_CONCEPTS = 8
 MAX_GROW_PX = 128   # auto_grow: found masks grow or shrink at most this many image pixels
 MAX_MASK_PNG_BYTES = 16 * 2 ** 20
@@ -60,6 +65,8 @@ class ConceptSpec:
     prompt: str = ""                # "" = the base prompt
     negative_prompt: str = ""       # "" = the base negative prompt
     class_word: str = ""
+    token: str = ""                 # its identity words ("alice woman"): the main prompt's class words
+                                    # become these in its branch when it has no prompt of its own
     region: Region = field(default_factory=lambda: Region("rect"))
     z: float | None = None
 
@@ -80,14 +87,25 @@ class Job:
     isolation_until: float = 1.0      # regional: fraction of the steps during which isolation acts
     reinit: bool = False              # regional: each region's initial latent re-drawn at the first step
     enhance: bool = False             # regional: gradient guidance on the class words' attention, first half
+    mask_refine: bool = True          # conductor: masks re-segmented from decoder self-attention (k-means)
+    mask_refine_from: float = 0.25    # ... from this fraction of the steps
+    mask_refine_until: float = 0.4    # ... until this one
+    mask_refine_every: float = 0.025  # ... every this fraction of the steps (the paper: 5 of 200)
+    mask_refine_k: int = 0            # ... k-means segments; 0: every k from N + 1 to 2N + 1 (the paper)
+    reference: str = ""               # conductor: base64 PNG of a picture whose layout is kept; "" = none
+    align_until: float = 0.3          # ... alignment to it during this fraction of the steps
+    align_step: float = 0.0           # ... its gradient step size; 0: the paper's (10 SD1.5, 40 SDXL)
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def start_fraction(self, has_auto: bool) -> float:
         """The fraction of the steps from which the concepts act: start_at when given, else the
-        mode's default. Regional mode with drawn regions starts at once (as Regional Prompter
-        does); automatic regions are found at start_at, so they need steps before it."""
+        mode's default. Regional and conductor mode with drawn regions start at once (as Regional
+        Prompter does); automatic regions are found at start_at, so they need steps before it,
+        except in conductor mode with a reference picture (found in it while it is inverted)."""
         if self.start_at is not None:
             return self.start_at
+        if self.mode == "conductor" and self.reference:
+            return 0.0
         return DEFAULT_START if self.mode == "blend" or has_auto else 0.0
 
     def to_dict(self) -> dict:
@@ -97,7 +115,11 @@ class Job:
             "self_attn_replay_until": self.self_attn_replay_until, "feather": self.feather,
             "save_layout": self.save_layout, "refine_regions": self.refine_regions, "auto_grow": self.auto_grow,
             "hires_loras": self.hires_loras, "isolation": self.isolation, "isolation_until": self.isolation_until,
-            "reinit": self.reinit, "enhance": self.enhance, "concepts": [_concept_dict(c) for c in self.concepts],
+            "reinit": self.reinit, "enhance": self.enhance, "mask_refine": self.mask_refine,
+            "mask_refine_from": self.mask_refine_from, "mask_refine_until": self.mask_refine_until,
+            "mask_refine_every": self.mask_refine_every, "mask_refine_k": self.mask_refine_k,
+            "reference": self.reference, "align_until": self.align_until, "align_step": self.align_step,
+            "concepts": [_concept_dict(c) for c in self.concepts],
         }
 
 
@@ -111,7 +133,7 @@ def _concept_dict(c: ConceptSpec) -> dict:
         region["found"] = c.region.found
     out = {"name": c.name, "loras": [{"name": l.name, "weight": l.weight} for l in c.loras],
            "prompt": c.prompt, "negative_prompt": c.negative_prompt, "class_word": c.class_word,
-           "region": region}
+           "token": c.token, "region": region}
     if c.z is not None:
         out["z"] = c.z
     return out
@@ -138,6 +160,25 @@ def _num(data: Mapping, key: str, default, path: str, low=None, high=None, low_o
         raise JobError(path + key, f"must be {'>' if low_open else '>='} {low:g}, got {value:g}")
     if high is not None and value > high:
         raise JobError(path + key, f"must be <= {high:g}, got {value:g}")
+    return value
+
+
+def _whole(data: Mapping, key: str, default: int, path: str, low: int, high: int) -> int:
+    """A whole number; 3.0 (a slider's value) reads as 3."""
+    value = _num(data, key, default, path, low, high)
+    if value != int(value):
+        raise JobError(path + key, f"must be a whole number, got {value:g}")
+    return int(value)
+
+
+def _picture(data: Mapping, key: str, path: str) -> str:
+    """A base64 PNG (or data URL), "" for none; its pixels are checked where it is decoded."""
+    value = data.get(key, "")
+    if not isinstance(value, str):
+        raise JobError(path + key, f"must be a base64 PNG (or \"\" for none), got {type(value).__name__}")
+    value = value.strip()
+    if len(value) > MAX_MASK_PNG_BYTES * 4 // 3 + 64:
+        raise JobError(path + key, f"is larger than {MAX_MASK_PNG_BYTES // 2 ** 20} MB")
     return value
 
 
@@ -227,6 +268,7 @@ def _concept(data: Any, i: int) -> ConceptSpec:
         prompt=_str(data, "prompt", "", path),
         negative_prompt=_str(data, "negative_prompt", "", path),
         class_word=_str(data, "class_word", "", path).strip(),
+        token=" ".join(_str(data, "token", "", path).split()),
         region=_region(data.get("region"), path + "region."),
         z=_num(data, "z", None, path),
     )
@@ -269,16 +311,30 @@ def parse_job(raw: Any) -> Job:
         isolation_until=_option(raw, "isolation_until", _num, 1.0, "", 0.0, 1.0),
         reinit=_option(raw, "reinit", _bool, False, ""),
         enhance=_option(raw, "enhance", _bool, False, ""),
+        mask_refine=_option(raw, "mask_refine", _bool, True, ""),
+        mask_refine_from=_option(raw, "mask_refine_from", _num, 0.25, "", 0.0, 1.0),
+        mask_refine_until=_option(raw, "mask_refine_until", _num, 0.4, "", 0.0, 1.0),
+        mask_refine_every=_option(raw, "mask_refine_every", _num, 0.025, "", 0.0, 1.0, True),
+        mask_refine_k=_option(raw, "mask_refine_k", _whole, 0, "", 0, MAX_REFINE_K),
+        reference=_option(raw, "reference", _picture, ""),
+        align_until=_option(raw, "align_until", _num, 0.3, "", 0.0, 1.0),
+        align_step=_option(raw, "align_step", _num, 0.0, "", 0.0),
         concepts=[_concept(c, i) for i, c in enumerate(concepts)],
     )
     if job.enabled and not job.concepts:
         raise JobError("concepts", "is empty: add at least one concept or disable Multi-Concept")
+    if job.mask_refine_until < job.mask_refine_from:
+        raise JobError("mask_refine_until", f"must be >= mask_refine_from ({job.mask_refine_from:g}), got "
+                                            f"{job.mask_refine_until:g} (a conductor-mode option)")
     check_start(job)
     return job
 
 
 def check_start(job: Job) -> None:
-    """Regional mode finds automatic regions at start_at, from the steps before it: it needs some."""
-    if job.mode == "regional" and job.start_at == 0 and any(c.region.type == "auto" for c in job.concepts):
-        raise JobError("start_at", "automatic regions in regional mode are found at start_at: it must be > 0 "
-                                   "(leave it out for the default, 0.3)")
+    """Regional and conductor mode find automatic regions at start_at, from the steps before it:
+    they need some (conductor with a reference picture finds them in the reference instead)."""
+    found_in_pass = job.mode == "regional" or (job.mode == "conductor" and not job.reference)
+    if found_in_pass and job.start_at == 0 and any(c.region.type == "auto" for c in job.concepts):
+        without = " without a reference picture" if job.mode == "conductor" else ""
+        raise JobError("start_at", f"automatic regions in {job.mode} mode{without} are found at start_at: "
+                                   "it must be > 0 (leave it out for the default, 0.3)")

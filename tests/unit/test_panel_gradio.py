@@ -38,7 +38,7 @@ def test_the_mode_offers_blend_and_regional_and_a_one_mode_option_says_which():
         panel = build_panel(lambda: [])
     control = dict(zip(TOP_FIELDS, panel.controls))
     offered = [c[0] if isinstance(c, (tuple, list)) else c for c in control["mode"].choices]   # gradio 4: pairs
-    assert offered == list(MODES) == ["blend", "regional"]
+    assert offered == list(MODES) == ["blend", "regional", "conductor"]
     for key in TOP_FIELDS:
         mode = MODE_OF_OPTION.get(key)
         label = control[key].label or ""

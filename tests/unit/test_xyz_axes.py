@@ -30,7 +30,7 @@ def test_regional_axes_set_the_mode_and_its_options():
     overrides = getattr(p, XYZ_ATTR)
     assert overrides == {"mode": "regional", "isolation": False, "isolation_until": 0.6, "reinit": True,
                          "enhance": True}
-    assert specs["[Multi-Concept] Mode"][2]() == ["blend", "regional"]
+    assert specs["[Multi-Concept] Mode"][2]() == ["blend", "regional", "conductor"]
     assert specs["[Multi-Concept] Concept isolation (regional)"][2]() == ["True", "False"]
     assert specs["[Multi-Concept] Concept enhancement (regional)"][2]() == ["True", "False"]
     job = apply_overrides(parse_job({"concepts": [{"name": "a"}]}), overrides)
@@ -45,7 +45,7 @@ def test_an_axis_value_is_checked_as_the_job_checks_it():
     assert apply_overrides(auto, {}) is auto
     with pytest.raises(JobError, match="^start_at: automatic regions in regional mode are found at start_at"):
         apply_overrides(auto, {"mode": "regional"})
-    with pytest.raises(JobError, match="^mode: must be one of blend, regional, got 'mixed'"):
+    with pytest.raises(JobError, match="^mode: must be one of blend, regional, conductor, got 'mixed'"):
         apply_overrides(auto, {"mode": "mixed"})
     with pytest.raises(JobError, match=r"^isolation_until: must be <= 1, got 1.5 \(a regional-mode option\)"):
         apply_overrides(auto, {"isolation_until": 1.5})

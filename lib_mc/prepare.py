@@ -21,6 +21,7 @@ from .lora.bind import LoraUse
 from .lora.network import Network, load_network
 from .conds import pad_context
 from .plan import Conditioning, Plan, build_plan
+from .prompt_variants import concept_variant
 from .auto.masks import HINTS
 from .auto.tokens import assign_occurrences
 from .regions import region_mask
@@ -91,10 +92,13 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
     auto_tokens = _auto_tokens(job, prompts, services)
     class_tokens = _class_tokens(job, prompts[0], services, warnings) if job.mode == "regional" and job.reinit else {}
     cache = networks_cache if networks_cache is not None else {}
+    if job.mode == "conductor" and job.reference:
+        _check_reference(job.reference)
     for i, spec in enumerate(job.concepts):
         where = f"concepts[{i}]"
+        texts = _branch_prompts(job, i, prompts, warnings)   # the main prompt(s), or the concept's variants
         try:
-            prompt, tagged = services.parse_tags(spec.prompt or base_prompt)
+            prompt, tagged = services.parse_tags(spec.prompt or texts[0])
         except JobError as exc:   # the parser knows no concept: name the prompt it read
             raise JobError(f"{where}.prompt" if spec.prompt else exc.field, exc.problem) from exc
         negative = spec.negative_prompt or base_negative
@@ -122,10 +126,10 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
                 continue
             uses.append(use)
             te_loras.append((lora, weight))
-        if spec.prompt or len(prompts) == 1:
+        if spec.prompt or len(set(texts)) == 1:
             cond = services.encode(prompt, te_loras)
-        else:   # the main prompt of each image
-            cond = _per_image(services, [services.parse_tags(text)[0] for text in prompts], te_loras)
+        else:   # the main prompt (or its variant) of each image
+            cond = _per_image(services, [services.parse_tags(text)[0] for text in texts], te_loras)
         uncond = services.encode(negative, te_loras) if spec.negative_prompt else None
         region = dict(auto_tokens=auto_tokens[i][0], auto_group=auto_tokens[i][1], auto_hint=_hint(spec.name),
                       auto_box=_box(spec.region), auto_tokens_per_image=auto_tokens[i][2]) \
@@ -142,13 +146,48 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
                           layout_replay=job.layout_replay, self_attn_replay_until=job.self_attn_replay_until,
                           feather=job.feather, refine_every=REFINE_EVERY if job.refine_regions else 0,
                           auto_grow=job.auto_grow, isolation=job.isolation, isolation_until=job.isolation_until,
-                          reinit=job.reinit, enhance=job.enhance)
+                          reinit=job.reinit, enhance=job.enhance, mask_refine=job.mask_refine,
+                          mask_refine_from=job.mask_refine_from, mask_refine_until=job.mask_refine_until,
+                          mask_refine_every=job.mask_refine_every, mask_refine_k=job.mask_refine_k,
+                          align_until=job.align_until, align_step=job.align_step)
     except PlanError as exc:
         if isinstance(exc, JobError):
             raise
         # the plan's mask and box of a concept are the job's region
         raise JobError(re.sub(r"\.(mask|auto_box)$", ".region", exc.field), exc.problem) from exc
     return Prepared(plan, warnings, skipped)
+
+
+def _branch_prompts(job: Job, i: int, prompts: list[str], warnings: list[str]) -> list[str]:
+    """Each image's prompt for concept i's branch: the main prompt, or, for a concept with identity
+    words and no prompt of its own, the main prompt with the class words replaced by them (a
+    prompt without its class word keeps the main prompt, with a warning)."""
+    spec = job.concepts[i]
+    if spec.prompt or not spec.token:
+        return prompts
+    if not spec.class_word:
+        warnings.append(f"concept {spec.name!r} has identity words ({spec.token!r}) but no class word: its branch "
+                        "takes the main prompt (give it the word of the main prompt that names it)")
+        return prompts
+    texts = []
+    for image, prompt in enumerate(prompts):
+        variant = concept_variant(prompt, job.concepts, i)
+        if variant is None:
+            where = "the main prompt" if len(prompts) == 1 else f"the main prompt of image {image + 1}"
+            warnings.append(f"concept {spec.name!r}: its class word {spec.class_word!r} is not in {where}, so its "
+                            f"identity words are not put in: its branch takes the main prompt")
+        texts.append(prompt if variant is None else variant)
+    return texts
+
+
+def _check_reference(png: str) -> None:
+    """The reference picture decodes (the host adapter reads it again where it encodes it)."""
+    from .regions import decode_png
+    try:
+        decode_png(png, "reference")
+    except JobError as exc:
+        raise JobError("reference", exc.problem.replace("masks may be", "a reference picture may be")
+                       + " (a conductor-mode option)") from exc
 
 
 def _auto_tokens(job: Job, prompts: list[str], services: HostServices

@@ -52,6 +52,10 @@ def axis_specs():
          lambda: ["True", "False"]),
         ("[Multi-Concept] Concept enhancement (regional)", str, _setter("enhance", _to_bool),
          lambda: ["True", "False"]),
+        ("[Multi-Concept] Mask refinement (conductor)", str, _setter("mask_refine", _to_bool),
+         lambda: ["True", "False"]),
+        ("[Multi-Concept] Alignment until (conductor)", float, _setter("align_until", float), None),
+        ("[Multi-Concept] Alignment step (conductor)", float, _setter("align_step", float), None),
     ]
 
 

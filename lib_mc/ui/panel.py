@@ -66,7 +66,7 @@ class _Concept:
 
 def _concept_tab(i: int, defaults: list, lora_choices: list[str]) -> _Concept:
     d = dict(zip(CONCEPT_FIELDS, defaults))
-    shown = shown_fields(d["region"])
+    shown = shown_fields(d["region"], d["token"])
     e = lambda name: f"{ELEM}_{name}_{i}"   # noqa: E731
     with gr.Tab(f"Concept {i + 1}", id=i, elem_id=e("tab"), visible=i < 2) as tab:
         with gr.Row():
@@ -76,6 +76,8 @@ def _concept_tab(i: int, defaults: list, lora_choices: list[str]) -> _Concept:
                                  min_width=120)
             class_word = gr.Textbox(d["class_word"], label="Class word", elem_id=e("class"), min_width=120,
                                     visible=shown["class_word"], placeholder="its word in the main prompt: woman")
+            token = gr.Textbox(d["token"], label="Identity words (token)", elem_id=e("token"), min_width=120,
+                               placeholder="alice woman: replace the class words in its prompt")
         with gr.Row(visible=shown["box"], elem_id=e("box")) as box:
             x = gr.Number(d["x"], label="x", elem_id=e("x"), min_width=60)
             y = gr.Number(d["y"], label="y", elem_id=e("y"), min_width=60)
@@ -94,7 +96,7 @@ def _concept_tab(i: int, defaults: list, lora_choices: list[str]) -> _Concept:
             pick = gr.Dropdown(lora_choices, label="Add a LoRA", elem_id=e("pick"), min_width=120)
             refresh = gr.Button("\u21bb", elem_id=e("refresh"), elem_classes=["mc-tool"], min_width=40,
                                 scale=0)
-    values = [name, loras, prompt, negative, class_word, region, x, y, w, h, mask]
+    values = [name, loras, prompt, negative, class_word, token, region, x, y, w, h, mask]
     for component in values + [pick, refresh]:
         unsaved(component)
     return _Concept(tab, values, [box, mask, class_word], pick, refresh, values + [pick, refresh])
@@ -112,7 +114,8 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
             enabled = unsaved(gr.Checkbox(top["enabled"], label="Enable", elem_id=f"{ELEM}_enabled",
                                           info="Each concept's LoRAs and prompt apply only in its region"))
             mode = unsaved(gr.Dropdown(list(MODES), value=top["mode"], label="Mode", elem_id=f"{ELEM}_mode",
-                                       info="blend: two passes; regional: one pass"))
+                                       info="blend: two passes; regional: one pass; conductor: attention "
+                                            "injection"))
             count = unsaved(gr.Slider(1, MAX_UI_CONCEPTS, top["count"], step=1, label="Concepts",
                                       elem_id=f"{ELEM}_count", info="How many to place"))
         gr.HTML(f'<div id="{ELEM}_canvas_slot" class="mc-canvas-slot"></div>')   # the region canvas mounts here
@@ -158,6 +161,30 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
                                       info="Class words' attention pulled into their regions, first half of "
                                            "the steps (slower)")
             with gr.Row():
+                mask_refine = gr.Checkbox(top["mask_refine"], label="Mask refinement (conductor)",
+                                          elem_id=f"{ELEM}_mask_refine",
+                                          info="Regions follow their subjects (decoder self-attention, k-means)")
+                refine_from = gr.Slider(0, 1, top["mask_refine_from"], step=0.05, label="Refine from (conductor)",
+                                        elem_id=f"{ELEM}_mask_refine_from", info="Fraction of steps")
+                refine_until = gr.Slider(0, 1, top["mask_refine_until"], step=0.05, label="Refine until (conductor)",
+                                         elem_id=f"{ELEM}_mask_refine_until", info="Fraction of steps")
+                refine_every = gr.Slider(0.005, 0.5, top["mask_refine_every"], step=0.005,
+                                         label="Refine every (conductor)", elem_id=f"{ELEM}_mask_refine_every",
+                                         info="Fraction of steps between refinements (0.025: 5 of 200)")
+                refine_k = gr.Number(top["mask_refine_k"], label="Refinement segments (conductor)", precision=0,
+                                     elem_id=f"{ELEM}_mask_refine_k", minimum=0, min_width=120,
+                                     info="k-means k; 0: every k from N+1 to 2N+1")
+            with gr.Row():
+                reference = unsaved(compat.mask_upload("Reference picture (conductor)", elem_id=f"{ELEM}_reference",
+                                                       height=160))
+                with gr.Column():
+                    align_until = gr.Slider(0, 1, top["align_until"], step=0.05, label="Alignment until (conductor)",
+                                            elem_id=f"{ELEM}_align_until",
+                                            info="Fraction of steps the layout is pulled to the reference's")
+                    align_step = gr.Number(top["align_step"], label="Alignment step (conductor)",
+                                           elem_id=f"{ELEM}_align_step", minimum=0, min_width=120,
+                                           info="Gradient step size; 0: the paper's (10 SD1.5, 40 SDXL)")
+            with gr.Row():
                 refine = gr.Checkbox(top["refine_regions"], label="Refine automatic regions while sampling",
                                      elem_id=f"{ELEM}_refine",
                                      info="Auto regions follow their subjects (self-attention segments)")
@@ -171,7 +198,8 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
         paste_box = gr.Textbox("", visible=False, elem_id=f"{ELEM}_paste")
 
     controls = [enabled, mode, start_at, layout_replay, self_until, feather, save_layout, refine, auto_grow,
-                hires_loras, isolation, isolation_until, reinit, enhance, count, canvas]   # TOP_FIELDS order
+                hires_loras, isolation, isolation_until, reinit, enhance, mask_refine, refine_from, refine_until,
+                refine_every, refine_k, reference, align_until, align_step, count, canvas]   # TOP_FIELDS order
     controls += [c for concept in concepts for c in concept.values]
     compat.value_when_served(job, lambda: compose(*(c.value for c in controls)))
     _wire(controls, job, paste_box, count, concepts, refresh_lora_names or lora_names)
@@ -197,8 +225,10 @@ def _wire(controls, job, paste_box, count, concepts, lora_names):
         # only what this concept's region kind needs; on every change (a paste or the canvas too),
         # and it only shows or hides: the job is not touched
         region = concept.values[CONCEPT_FIELDS.index("region")]
-        region.change(lambda kind: [compat.update(visible=v) for v in shown_fields(kind).values()],
-                      inputs=[region], outputs=concept.shown_by_region, show_progress=False, queue=False)
+        token = concept.values[CONCEPT_FIELDS.index("token")]
+        for control in (region, token):   # identity words need the class word their variant replaces
+            control.change(lambda kind, words: [compat.update(visible=v) for v in shown_fields(kind, words).values()],
+                           inputs=[region, token], outputs=concept.shown_by_region, show_progress=False, queue=False)
         loras_box = concept.values[CONCEPT_FIELDS.index("loras")]
         concept.pick.select(lambda text, name: add_lora(text, name), inputs=[loras_box, concept.pick],
                             outputs=[loras_box], show_progress=False).then(

@@ -22,11 +22,15 @@ from ..regions import PRESETS
 MAX_UI_CONCEPTS = 6
 TOP_FIELDS = ("enabled", "mode", "start_at", "layout_replay", "self_attn_replay_until", "feather",
               "save_layout", "refine_regions", "auto_grow", "hires_loras", "isolation", "isolation_until", "reinit",
-              "enhance", "count", "canvas")
+              "enhance", "mask_refine", "mask_refine_from", "mask_refine_until", "mask_refine_every", "mask_refine_k",
+              "reference", "align_until", "align_step", "count", "canvas")
 JOB_OPTIONS = TOP_FIELDS[:TOP_FIELDS.index("count")]   # the controls that are the job's own top-level keys
-NUMBER_FIELDS = ("self_attn_replay_until", "feather", "auto_grow", "isolation_until")
-CONCEPT_FIELDS = ("name", "loras", "prompt", "negative_prompt", "class_word", "region", "x", "y", "w", "h",
+NUMBER_FIELDS = ("self_attn_replay_until", "feather", "auto_grow", "isolation_until", "mask_refine_from",
+                 "mask_refine_until", "mask_refine_every", "align_until", "align_step")
+CONCEPT_FIELDS = ("name", "loras", "prompt", "negative_prompt", "class_word", "token", "region", "x", "y", "w", "h",
                   "mask")
+REFERENCE_MAX_SIDE = 1024   # px: the panel's reference picture is kept at most this large (it is resized
+                            # to the image size when it is used; the job travels with every panel edit)
 DRAWN = "drawn"   # region control value: the region comes from the canvas
 AUTO_BOX = "auto in rectangle"   # found by its class word inside the rectangle (x, y, w, h)
 REGION_CHOICES = list(PRESETS) + ["rectangle", DRAWN, "mask", "auto", AUTO_BOX]
@@ -39,16 +43,19 @@ def default_values() -> list:
     job = Job()
     top = [False] + [getattr(job, key) for key in JOB_OPTIONS[1:]] + [2, ""]
     top[TOP_FIELDS.index("start_at")] = start_text(job.start_at)
+    top[TOP_FIELDS.index("reference")] = None   # the picture upload starts empty
     rows = []
     for i in range(MAX_UI_CONCEPTS):
-        rows += [f"concept {i + 1}", "", "", "", "", DEFAULT_PRESETS[i], 0.0, 0.0, 1.0, 1.0, None]
+        rows += [f"concept {i + 1}", "", "", "", "", "", DEFAULT_PRESETS[i], 0.0, 0.0, 1.0, 1.0, None]
     return top + rows
 
 
-def shown_fields(kind: str) -> dict[str, bool]:
+def shown_fields(kind: str, token: str = "") -> dict[str, bool]:
     """Which of a concept's region-dependent fields its region kind needs on screen: the numbers
-    for a typed rectangle, the upload for a mask, the class word for automatic regions."""
-    return {"box": kind in BOX_KINDS, "mask": kind == "mask", "class_word": kind in AUTO_KINDS}
+    for a typed rectangle, the upload for a mask, the class word for automatic regions and for
+    identity words (their prompt variant replaces the class words)."""
+    return {"box": kind in BOX_KINDS, "mask": kind == "mask",
+            "class_word": kind in AUTO_KINDS or bool((token or "").strip())}
 
 
 def start_text(start_at: float | None) -> str:
@@ -112,6 +119,33 @@ def _image_to_png(image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def reference_png(image) -> str:
+    """The reference upload -> base64 PNG for the job ("" for none), at most REFERENCE_MAX_SIDE a side."""
+    if image is None or isinstance(image, str):
+        return (image or "").split(",", 1)[-1]
+    if not hasattr(image, "save"):   # a numpy array
+        from PIL import Image
+        image = Image.fromarray(image)
+    if max(image.size) > REFERENCE_MAX_SIDE:
+        image = image.copy()
+        image.thumbnail((REFERENCE_MAX_SIDE, REFERENCE_MAX_SIDE))
+    return _image_to_png(image)
+
+
+def reference_image(png: str):
+    """The job's reference (base64) -> a PIL image for the upload; None when there is none or it
+    does not decode (the job names it when it runs)."""
+    if not png:
+        return None
+    from ..regions import decode_png
+    try:
+        image = decode_png(png, "reference")
+        image.load()
+        return image
+    except (JobError, OSError):
+        return None
+
+
 def parse_canvas(text) -> tuple[list, list]:
     """The canvas field -> (regions, z); anything malformed reads as nothing drawn."""
     try:
@@ -168,6 +202,9 @@ def compose(*values) -> str:
     for key in NUMBER_FIELDS:   # sliders send 6 or 6.0 alike: one spelling in the JSON
         if isinstance(top[key], (int, float)) and not isinstance(top[key], bool):
             top[key] = float(top[key])
+    if isinstance(top["mask_refine_k"], float) and top["mask_refine_k"].is_integer():
+        top["mask_refine_k"] = int(top["mask_refine_k"])   # a number box sends 3.0
+    top["reference"] = reference_png(top["reference"])
     top["start_at"] = start_value(top["start_at"])
     if top["start_at"] is None:
         del top["start_at"]   # an empty box: the mode's default
@@ -181,7 +218,7 @@ def compose(*values) -> str:
         concept = {
             "name": row["name"] or f"concept {i + 1}", "loras": parse_loras(row["loras"]),
             "prompt": row["prompt"] or "", "negative_prompt": row["negative_prompt"] or "",
-            "class_word": row["class_word"] or "",
+            "class_word": row["class_word"] or "", "token": row["token"] or "",
             "region": _region(row["region"], row["x"], row["y"], row["w"], row["h"], row["mask"],
                               drawn[i] if i < len(drawn) else None),
         }
@@ -274,6 +311,7 @@ def decompose(text: str) -> list | None:
         z = [c.z if c.z is not None else i for i, c in enumerate(shown)]
     values = [getattr(job, key) for key in JOB_OPTIONS] + [len(shown), canvas_text(drawn, z)]
     values[TOP_FIELDS.index("start_at")] = start_text(job.start_at)
+    values[TOP_FIELDS.index("reference")] = reference_image(job.reference)
     defaults = default_values()
     for i in range(MAX_UI_CONCEPTS):
         if i >= len(job.concepts):
@@ -284,6 +322,6 @@ def decompose(text: str) -> list | None:
         r = c.region
         kind = {"rect": _preset_of(r), "mask": DRAWN,
                 "auto": DRAWN if r.found else (AUTO_BOX if r.boxed else "auto")}[r.type]
-        values += [c.name, format_loras(c.loras), c.prompt, c.negative_prompt, c.class_word, kind,
+        values += [c.name, format_loras(c.loras), c.prompt, c.negative_prompt, c.class_word, c.token, kind,
                    r.x, r.y, r.w, r.h, None]
     return values

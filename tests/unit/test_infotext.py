@@ -110,3 +110,62 @@ def test_a_blend_job_leaves_regional_options_and_its_default_start_out():
     # an image made before the modes: blend, its start and options as they were
     old = infotext_to_job('{"version":1,"start_at":0.45,"layout_replay":false,"concepts":[{"name":"bob"}]}')
     assert (old.mode, old.start_at, old.layout_replay) == ("blend", 0.45, False)
+
+
+def test_a_conductor_job_writes_its_options_and_tokens_and_pastes_back_as_conductor():
+    from lib_mc.ui.panel_state import compose, decompose
+    from test_job_conductor import png
+    concepts = [{"name": "alice", "class_word": "woman", "token": "alice woman",
+                 "region": {"type": "rect", "x": 0, "y": 0, "w": 0.5, "h": 1}}]
+    job = parse_job({"mode": "conductor", "mask_refine": False, "mask_refine_from": 0.1, "mask_refine_until": 0.5,
+                     "mask_refine_every": 0.05, "mask_refine_k": 4, "align_until": 0.2, "align_step": 25,
+                     "isolation": False, "layout_replay": False, "concepts": concepts})
+    data = json.loads(job_to_infotext(job))
+    assert data["mode"] == "conductor" and data["concepts"][0]["token"] == "alice woman"
+    assert (data["mask_refine"], data["mask_refine_from"], data["mask_refine_until"], data["mask_refine_every"],
+            data["mask_refine_k"], data["align_until"], data["align_step"]) == (False, 0.1, 0.5, 0.05, 4, 0.2, 25)
+    assert "isolation" not in data and "layout_replay" not in data and "reference" not in data
+    for pasted in (infotext_to_job(job_to_infotext(job)), parse_job(compose(*decompose(job_to_infotext(job))))):
+        assert pasted == parse_job({**job.to_dict(), "isolation": True, "layout_replay": True})   # theirs left out
+    # conductor defaults and an empty token left out; other modes leave conductor's options out
+    plain = json.loads(job_to_infotext(parse_job({"mode": "conductor", "concepts": [{"name": "bob"}]})))
+    assert plain == {"version": 1, "mode": "conductor", "concepts": [
+        {"name": "bob", "region": {"type": "rect", "x": 0.0, "y": 0.0, "w": 1.0, "h": 1.0}}]}
+    regional = json.loads(job_to_infotext(parse_job({**job.to_dict(), "mode": "regional", "reference": png()})))
+    assert not {"mask_refine", "mask_refine_k", "align_until", "align_step", "reference"} & set(regional)
+
+
+def test_a_reference_picture_travels_as_a_small_copy_and_its_hash():
+    import base64
+    import io
+    from PIL import Image
+    from lib_mc.regions import decode_png
+    picture = Image.new("RGB", (640, 480), (20, 40, 200))
+    picture.paste((230, 220, 10), (0, 0, 320, 480))   # left half yellow
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    original = base64.b64encode(buffer.getvalue()).decode()
+    job = parse_job({"mode": "conductor", "reference": original, "concepts": [{"name": "a"}]})
+    text = job_to_infotext(job)
+    data = json.loads(text)
+    small = decode_png(data["reference"], "reference").convert("RGB")
+    assert small.size == (96, 72) and len(data["reference"]) < 4000 and len(data["reference_sha"]) == 12
+    assert small.getpixel((10, 36))[2] < 100 and small.getpixel((85, 36))[2] > 150   # the layout kept
+    back = infotext_to_job(text)
+    assert back.mode == "conductor" and back.reference == data["reference"] and back.start_fraction(True) == 0.0
+
+
+def test_each_image_infotext_shows_the_prompt_variant_of_its_own_prompt():
+    from types import SimpleNamespace
+    from lib_mc.infotext import ImageInfotext
+    job = parse_job({"mode": "conductor", "concepts": [
+        {"name": "bob", "class_word": "man", "token": "bob man"},
+        {"name": "alice", "class_word": "woman", "token": "alice woman", "prompt": "photo of alice"}]})
+    p = SimpleNamespace(all_prompts=["a man and a woman", "a woman and a man in snow"])
+    value = ImageInfotext(_state(job))
+    first, second = (json.loads(value(index=i, p=p)) for i in (0, 1))
+    assert first["concepts"][0]["variant"] == "a bob man and a bob man"
+    assert second["concepts"][0]["variant"] == "a bob man and a bob man in snow"
+    assert "variant" not in first["concepts"][1]   # its own prompt
+    assert infotext_to_job(value(index=1, p=p)) == job   # pasting reads the job, not the note
+    assert "variant" not in value(index=0)   # no prompts given: the job alone

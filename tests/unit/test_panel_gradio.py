@@ -45,3 +45,8 @@ def test_the_mode_offers_blend_and_regional_and_a_one_mode_option_says_which():
         assert (f"({mode})" in label) if mode else not any(f"({m})" in label for m in MODES), (key, label)
     assert control["start_at"].value == "" and "mode's default" in control["start_at"].info
     assert control["enhance"].label == "Concept enhancement (regional)" and control["enhance"].value is False
+    assert isinstance(control["reference"], gr.Image) and control["reference"].label == "Reference picture (conductor)"
+    assert control["mask_refine"].value is True and control["mask_refine_every"].value == 0.025
+    from lib_mc.ui.panel_state import CONCEPT_FIELDS
+    token = panel.controls[len(TOP_FIELDS) + CONCEPT_FIELDS.index("token")]
+    assert token.label == "Identity words (token)" and getattr(token, "do_not_save_to_config", False)

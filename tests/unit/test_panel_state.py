@@ -274,3 +274,59 @@ def test_regional_automatic_regions_with_a_start_of_zero_are_refused_by_name():
         parse_job(compose(*values))
     values[TOP_FIELDS.index("start_at")] = ""
     assert parse_job(compose(*values)).start_fraction(True) == 0.3
+
+
+def test_conductor_options_a_reference_upload_and_identity_words_reach_the_job_and_come_back_on_paste():
+    from lib_mc.regions import decode_png
+    values = default_values()
+    assert values[TOP_FIELDS.index("reference")] is None and values[TOP_FIELDS.index("mask_refine")] is True
+    values[TOP_FIELDS.index("enabled")] = True
+    values[TOP_FIELDS.index("mode")] = "conductor"
+    values[TOP_FIELDS.index("mask_refine")] = False
+    values[TOP_FIELDS.index("mask_refine_from")] = 0   # sliders may send ints
+    values[TOP_FIELDS.index("mask_refine_until")] = 0.5
+    values[TOP_FIELDS.index("mask_refine_every")] = 0.05
+    values[TOP_FIELDS.index("mask_refine_k")] = 5.0   # a number box
+    values[TOP_FIELDS.index("align_until")] = 0.2
+    values[TOP_FIELDS.index("align_step")] = 20
+    picture = Image.new("RGB", (2048, 1024), (200, 10, 10))   # an upload: kept at most 1,024 px a side
+    picture.paste((10, 10, 200), (1024, 0, 2048, 1024))
+    values[TOP_FIELDS.index("reference")] = picture
+    set_row(values, 0, token="alice woman", class_word="woman")
+    text = compose(*values)
+    data = json.loads(text)
+    assert (data["mode"], data["mask_refine"], data["mask_refine_from"], data["mask_refine_until"],
+            data["mask_refine_every"], data["align_until"], data["align_step"]) == \
+        ("conductor", False, 0.0, 0.5, 0.05, 0.2, 20.0)
+    assert data["mask_refine_k"] == 5 and isinstance(data["mask_refine_k"], int)
+    assert data["concepts"][0]["token"] == "alice woman" and data["concepts"][1]["token"] == ""
+    stored = decode_png(data["reference"], "reference")
+    assert stored.format == "PNG" and stored.size == (1024, 512)
+    assert stored.convert("RGB").getpixel((100, 100)) == (200, 10, 10)
+    job = parse_job(text)
+    assert job.reference == data["reference"] and job.concepts[0].token == "alice woman"
+    back = decompose(text)   # pasted: every control as it was, the picture as an image for the upload
+    assert back[TOP_FIELDS.index("mode")] == "conductor" and back[TOP_FIELDS.index("mask_refine")] is False
+    assert back[TOP_FIELDS.index("mask_refine_k")] == 5 and back[TOP_FIELDS.index("align_step")] == 20
+    assert back[TOP_FIELDS.index("reference")].size == (1024, 512)
+    assert back[len(TOP_FIELDS) + CONCEPT_FIELDS.index("token")] == "alice woman"
+    assert compose(*back) == text
+    values[TOP_FIELDS.index("reference")] = None   # cleared
+    assert parse_job(compose(*values)).reference == ""
+
+
+def test_identity_words_show_the_class_word_their_variant_replaces():
+    assert shown_fields("left half", "alice woman")["class_word"]
+    assert not shown_fields("left half", "  ")["class_word"] and not shown_fields("left half")["class_word"]
+    assert shown_fields("auto", "")["class_word"]
+
+
+def test_conductor_automatic_regions_from_the_first_step_need_a_reference():
+    values = default_values()
+    values[TOP_FIELDS.index("mode")] = "conductor"
+    values[TOP_FIELDS.index("start_at")] = "0"
+    set_row(values, 0, region="auto", class_word="woman")
+    with pytest.raises(JobError, match="^start_at: automatic regions in conductor mode without a reference"):
+        parse_job(compose(*values))
+    values[TOP_FIELDS.index("reference")] = Image.new("RGB", (64, 64))
+    assert parse_job(compose(*values)).start_at == 0

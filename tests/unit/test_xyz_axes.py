@@ -49,3 +49,20 @@ def test_an_axis_value_is_checked_as_the_job_checks_it():
         apply_overrides(auto, {"mode": "mixed"})
     with pytest.raises(JobError, match=r"^isolation_until: must be <= 1, got 1.5 \(a regional-mode option\)"):
         apply_overrides(auto, {"isolation_until": 1.5})
+
+
+def test_conductor_axes_set_the_mode_and_its_options():
+    specs = {label: (kind, apply, choices) for label, kind, apply, choices in axis_specs()}
+    p = SimpleNamespace()
+    specs["[Multi-Concept] Mode"][1](p, "Conductor", None)
+    specs["[Multi-Concept] Mask refinement (conductor)"][1](p, "False", None)
+    specs["[Multi-Concept] Alignment until (conductor)"][1](p, "0.2", None)
+    specs["[Multi-Concept] Alignment step (conductor)"][1](p, "20", None)
+    overrides = getattr(p, XYZ_ATTR)
+    assert overrides == {"mode": "conductor", "mask_refine": False, "align_until": 0.2, "align_step": 20.0}
+    assert specs["[Multi-Concept] Mask refinement (conductor)"][2]() == ["True", "False"]
+    assert specs["[Multi-Concept] Alignment until (conductor)"][0] is float
+    job = apply_overrides(parse_job({"concepts": [{"name": "a"}]}), overrides)
+    assert (job.mode, job.mask_refine, job.align_until, job.align_step) == ("conductor", False, 0.2, 20.0)
+    with pytest.raises(JobError, match=r"^align_until: must be <= 1, got 3 \(a conductor-mode option\)"):
+        apply_overrides(job, {"align_until": 3.0})

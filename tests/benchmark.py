@@ -1,7 +1,7 @@
-"""Cost of multi-concept sampling (both modes) against a plain generation, measured in one run.
+"""Cost of multi-concept sampling (every mode) against a plain generation, measured in one run.
 
     python tests/benchmark.py [--steps 20] [--size 256] [--channels 64] [--device auto] [--threads 1]
-                              [--modes blend,regional] [--repeats 1] [--lora-rank 16]
+                              [--modes blend,regional,conductor] [--repeats 1] [--lora-rank 16]
 
 For plain and, per mode, for 1, 2 and 4 concepts (same UNet, steps, seed, Euler a, every
 concept with its own kohya LoRA on the attention, feed-forward and proj_in/proj_out layers) it
@@ -13,7 +13,9 @@ OMG's official code does) would evaluate. Regional runs draw their regions from 
 isolation alone costs (2 concepts without it), re-initialisation (2 concepts with it: one
 probe call of cond rows before the pass) and concept enhancement (a forward and a backward of
 the cond rows in each of the first half of the steps: the evaluations column counts the
-forwards). Peak memory is measured after all timing, in runs of its own. Then the memory one more row adds to a UNet call,
+forwards). Conductor runs (one pass from the first step: base rows and every concept's rows in
+each call, decoder attention injected) come with mask refinement on its default schedule and
+without it. Peak memory is measured after all timing, in runs of its own. Then the memory one more row adds to a UNet call,
 measured and as lib_mc/memory.py estimates it, and from both the peak of 4 concepts at SDXL
 1024x1024, batch 2, and the rows per call a 12 GB card holds.
 
@@ -218,7 +220,7 @@ def main():
     parser.add_argument("--auto-concepts", default="2",
                         help="blend: also time these counts with automatic regions (stage-1 attention recording); "
                              "'' skips")
-    parser.add_argument("--modes", default="blend,regional", help="which methods to time beside plain")
+    parser.add_argument("--modes", default="blend,regional,conductor", help="which methods to time beside plain")
     parser.add_argument("--lora-rank", type=int, default=16, help="rank of every concept's LoRA (kohya: 16-32)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="auto")
@@ -248,9 +250,9 @@ def main():
     counts = [int(c) for c in args.concepts.split(",")]
     auto_counts = [int(c) for c in args.auto_concepts.split(",") if c.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - {"blend", "regional"}
+    unknown = set(modes) - {"blend", "regional", "conductor"}
     if unknown:
-        parser.error(f"--modes: unknown mode {sorted(unknown)[0]!r} (known: blend, regional)")
+        parser.error(f"--modes: unknown mode {sorted(unknown)[0]!r} (known: blend, regional, conductor)")
     if "blend" not in modes:
         auto_counts = []
     regional_extra = [2] if "regional" in modes else []   # isolation off / re-initialisation rows
@@ -302,6 +304,14 @@ def main():
                                                                         initial=noise),
                                        initial=initial, replay_noise=lambda: None))
 
+    def conductor(n, **options):
+        """One pass; drawn regions from the first step, every concept's branch rows beside the
+        base rows, mask refinement on its default schedule unless switched off."""
+        session = make_session("conductor", unet, plan_for(n, start_at=0.0, **options))
+        host.route = session.denoise
+        with session.single_pass():
+            return run_sampler(host, args.steps, latent_hw, device)
+
     plain()  # warm-up
     rows = count_unet_rows(unet)
     results = []
@@ -314,6 +324,9 @@ def main():
         runs += [("regional 2 no isolation", 2, "regional", lambda: regional(2, isolation=False)),
                  ("regional 2 reinit", 2, "regional", lambda: regional(2, reinit=True)),
                  ("regional 2 enhance", 2, "regional", lambda: regional(2, enhance=True))]
+    if "conductor" in modes:
+        runs += [(f"conductor {n}", n, "conductor", (lambda n=n: conductor(n))) for n in counts]
+        runs += [("conductor 2 no refinement", 2, "conductor", lambda: conductor(2, mask_refine=False))]
     plain_times = []
     for label, n, mode, fn in runs:
         ratios, cpu_ratios = [], []
@@ -348,7 +361,7 @@ def main():
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"host attention {args.host_attention}, UNet model_channels {args.channels} context {args.context_dim}, "
           f"{args.size}x{args.size}, "
-          f"{args.steps} steps Euler a, CFG, batch 1; blend from step {start_step}, regional from step 0")
+          f"{args.steps} steps Euler a, CFG, batch 1; blend from step {start_step}, regional and conductor from step 0")
     print(f"each concept: a kohya LoRA of rank {args.lora_rank} on {layers} layers (attention, ff, proj_in/out), "
           f"weight 0.8; regions: vertical strips")
     print(f"torch threads {torch.get_num_threads()} of {os.cpu_count()} CPUs; load average (1 min) "
@@ -362,7 +375,7 @@ def main():
           f"{'naive evals':>13}{'naive x':>9}{'cpu time x':>12}")
     for label, n, mode, evals, ratio, peak, cpu_ratio in results:
         naive = plain_evals + args.steps * (2 + 2 + 2 * n) if mode == "blend" else plain_evals
-        naive_cells = f"{naive:>13}{naive / plain_evals:>9.2f}" if mode != "regional" else f"{'-':>13}{'-':>9}"
+        naive_cells = f"{naive:>13}{naive / plain_evals:>9.2f}" if mode == "blend" else f"{'-':>13}{'-':>9}"
         print(f"{label:<25}{evals:>11}{evals / plain_evals:>9.2f}{ratio:>14.2f}{peak:>9.1f}{naive_cells}"
               f"{cpu_ratio:>12.2f}")
 

@@ -370,3 +370,37 @@ def test_sgm_extra_keyword_arguments_go_to_the_hosts_attention_as_they_are():
     replayed = forward(x, additional_tokens=None, n_times_crossframe_attn_in_self=0)
     # defaults: the engine acts (self-attention replay of 4 tokens recomputes the base row)
     assert torch.equal(replayed[0], x[0] * 2) and not torch.allclose(replayed[1], x[1] * 2)
+
+
+# ---- conductor mode on sgm's attention --------------------------------------------------------------
+
+def test_conductor_injects_every_decoder_attention_output_on_sgm(world):
+    """A whole-image concept: every decoder attention output of the base rows is the concept
+    branch's (sgm's CrossAttention, linear proj_in/out, the vector conditioning per row), the
+    prediction is the base rows' own."""
+    from lib_mc.engine import make_session
+    from lib_mc.methods.conductor.layers import decoder_attention
+    plan = build_plan([dict(name="alice", cond=world["alice_cond"], loras=[(world["alice"], 0.8)],
+                            mask=torch.ones(IMAGE))], IMAGE, start_at=0.0, mask_refine=False)
+    session = make_session("conductor", world["unet"], plan, context_key=CTX)
+    seen, outputs = {}, []
+    handles = [m.register_forward_hook(lambda m, a, out, name=name: seen.setdefault(name, out.detach().clone()))
+               for m, name in decoder_attention(world["unet"]).items()]
+    denoiser = CompVisDenoiser(world["ldm"])
+
+    def model_fn(xx, ss, cc):
+        outputs.append(denoiser(xx, ss, cond=cc))
+        return outputs[-1]
+    x = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(5)) * 3
+    try:
+        with torch.no_grad(), session.single_pass():
+            out = session.denoise(model_fn, torch.cat([x, x]), torch.full((2,), 3.0),
+                                  rows_of(world["cond"], world["uncond"], 1), n_cond=1, step=0, total_steps=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen) == len(decoder_attention(world["unet"])) > 0
+    for name, layer in seen.items():
+        assert layer.shape[0] == 4 and torch.equal(layer[:2], layer[2:]), name
+    assert torch.equal(out, outputs[0][:2]) and (outputs[0][:2] - outputs[0][2:]).abs().max() > 1e-3
+    assert not [n for n, m in world["unet"].named_modules() if "forward" in vars(m)]

@@ -110,6 +110,7 @@
                 return;
             }
             if (!job || !Array.isArray(job.concepts)) return;
+            this.showReference(job.reference || "");
             const [w, h] = this.layerSize();
             const count = job.concepts.length;
             while (this.concepts.length < count) {
@@ -284,6 +285,23 @@
             const reader = new FileReader();
             reader.onload = () => this.setBackgroundUrl(reader.result);
             reader.readAsDataURL(file);
+        }
+
+        // A new reference picture in the job (conductor mode) goes under the regions, to draw
+        // them over it; removing it from the job removes it here, a picture of the user's stays.
+        showReference(reference) {
+            if (reference === (this.reference || "")) return;
+            this.reference = reference;
+            if (!reference) {
+                if (this.background && this.background.dataset.reference) this.setBackground(null);
+                return;
+            }
+            const type = reference.startsWith("/9j/") ? "jpeg" : reference.startsWith("UklGR") ? "webp" : "png";
+            const url = reference.startsWith("data:") ? reference : `data:image/${type};base64,${reference}`;
+            const image = new Image();
+            image.dataset.reference = "1";
+            image.onload = () => { if (this.reference === reference) this.setBackground(image); };
+            image.src = url;
         }
 
         useOutputAsBackground() {

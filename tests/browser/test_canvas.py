@@ -252,3 +252,26 @@ def test_auto_in_rectangle_draws_its_box_and_a_loaded_box_shows_and_comes_back(p
     region = parse_job(generate(page, panel_app)).concepts[0].region
     assert region.type == "auto" and region.boxed
     assert [round(v, 2) for v in (region.x, region.y, region.w, region.h)] == [0.1, 0.2, 0.3, 0.7]
+
+
+def test_a_conductor_jobs_reference_picture_shows_under_the_regions_and_reaches_python(page, panel_app):
+    picture = Image.new("RGB", (64, 64), (255, 0, 0))
+    picture.paste((0, 0, 255), (32, 0, 64, 64))   # red left, blue right
+    reference = png_b64(picture)
+    job = {"version": 1, "enabled": True, "mode": "conductor", "reference": reference, "concepts": [
+        {"name": "alice", "class_word": "woman", "token": "alice woman", "region": {"type": "auto"}}]}
+    page.fill("#load_text textarea", json.dumps(job))
+    page.click("#load_button")
+    wait_for_job(page, "job.mode === 'conductor' && job.reference.length > 0")
+    page.wait_for_function("window.MultiConcept.editor.background !== null")
+    time.sleep(0.3)   # the next animation frame draws
+    pixels = canvas_pixels(page)
+    dimmed = lambda colour: [round(0.6 * c + 0.4 * g) for c, g in zip(colour, GROUND)]   # noqa: E731
+    assert pixel_is(pixels, 0.25, 0.5, dimmed((255, 0, 0))) and pixel_is(pixels, 0.75, 0.5, dimmed((0, 0, 255)))
+    received = parse_job(json.dumps(generate(page, panel_app)))   # the upload holds it: Python gets the picture
+    assert received.mode == "conductor" and received.concepts[0].token == "alice woman"
+    got = Image.open(io.BytesIO(base64.b64decode(received.reference))).convert("RGB")
+    assert got.size == (64, 64) and got.getpixel((10, 10)) == (255, 0, 0) and got.getpixel((50, 10)) == (0, 0, 255)
+    page.fill("#load_text textarea", json.dumps({**job, "reference": ""}))   # a job without one: removed
+    page.click("#load_button")
+    page.wait_for_function("window.MultiConcept.editor.background === null")

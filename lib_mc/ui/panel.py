@@ -133,7 +133,7 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
                 start_at = gr.Textbox(top["start_at"], label="Concepts start at", elem_id=f"{ELEM}_start_at",
                                       lines=1, max_lines=1, min_width=160, placeholder="mode default",
                                       info="Fraction of steps, e.g. 0.3. Empty: the mode's default (blend 0.3; "
-                                           "regional 0, or 0.3 with automatic regions)")
+                                           "regional and conductor 0, or 0.3 with automatic regions)")
                 feather = gr.Slider(0, 64, top["feather"], step=1, label="Mask feather (px)",
                                     elem_id=f"{ELEM}_feather", info="Softens region edges")
                 auto_grow = gr.Slider(-MAX_GROW_SLIDER, MAX_GROW_SLIDER, top["auto_grow"], step=1,

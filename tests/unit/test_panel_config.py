@@ -97,16 +97,20 @@ def problems() -> list[str]:
     restore(demo, {"txt2img/Concepts start at/value": "0.55", "txt2img/Concepts in the hires pass/value": False,
                    "txt2img/Concept isolation (regional)/value": False, "txt2img/Isolation until (regional)/value": 0.4,
                    "txt2img/Concept enhancement (regional)/value": True,
+                   "txt2img/Mask refinement (conductor)/value": False, "txt2img/Alignment until (conductor)/value": 0.1,
+                   "txt2img/Refinement segments (conductor)/value": 5, "txt2img/Identity words (token)/value": "x y",
                    "txt2img/Region/value": "centre", "txt2img/x/value": 0.25, "txt2img/Concepts/value": 4,
                    "txt2img/Concept prompt/value": "concept 1's prompt"})
     job = served_job(demo, panel)
     shown = {key: component.value for key, component, field in walk(demo) if field == "value"}
     if shown.get("txt2img/Concepts start at/value") != "0.55" or job.get("start_at") != 0.55 \
             or job["hires_loras"] is not False \
-            or job["isolation"] is not False or job["isolation_until"] != 0.4 or job.get("enhance") is not True:
+            or job["isolation"] is not False or job["isolation_until"] != 0.4 or job.get("enhance") is not True \
+            or job["mask_refine"] is not False or job["align_until"] != 0.1 or job["mask_refine_k"] != 5:
         found.append(f"the page's job does not hold the restored options: {job}")
     parsed = parse_job(job)
-    if len(parsed.concepts) != 2 or [c.region.x for c in parsed.concepts] != [0, 0.5] or parsed.concepts[1].prompt:
+    if len(parsed.concepts) != 2 or [c.region.x for c in parsed.concepts] != [0, 0.5] or parsed.concepts[1].prompt \
+            or parsed.concepts[1].token:
         found.append(f"restored values reached the concepts: {job['concepts']}")
     return found
 

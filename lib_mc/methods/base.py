@@ -26,6 +26,7 @@ from ..lora.bind import bind_loras
 from ..patcher import PatchSet
 from ..plan import Plan
 from .calls import CallImages, Stats
+from .schedule import SamplerSchedule
 
 
 @dataclass
@@ -37,7 +38,12 @@ class HostPass:
     run gets the same initial and ancestral noise; interrupted(): the user stopped the job;
     find_regions(latents): automatic regions from these latents (the host adds faces and SAM;
     None: attention only); layout_done(latents): the layout pass finished (blend);
-    layout_image(latents): what the regions were found on, for the save_layout outputs."""
+    layout_image(latents): what the regions were found on, for the save_layout outputs.
+    Layout from a reference picture (conductor mode): reference, the picture's latent as the
+    host's VAE encodes it (1, 4, h, w), at the generation's size; schedule, the noise levels the
+    sampler will call the denoiser with (see schedule.py); latent_moved({image: x}): the method
+    moved these images' latents (in the denoiser's input space, at the level of the call in
+    flight): the host makes them the sampler's own latent once its denoiser call returns."""
     sample: Callable[[torch.Tensor], torch.Tensor]
     initial: torch.Tensor
     replay_noise: Callable[[], torch.Tensor]
@@ -46,6 +52,9 @@ class HostPass:
     layout_done: Callable[[torch.Tensor], None] = lambda latents: None
     layout_image: Callable[[torch.Tensor], None] = lambda latents: None
     to_x0: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None   # (x, out, sigma) -> x0
+    reference: torch.Tensor | None = None
+    schedule: SamplerSchedule | None = None
+    latent_moved: Callable[[dict[int, torch.Tensor]], None] | None = None
 
 
 class SessionBase:

@@ -31,6 +31,9 @@ class Stats:
     replayed_calls: int = 0     # stage-2 calls answered from the stage-1 record
     probe_rows: int = 0         # rows of extra calls outside the sampler's own (regional re-initialisation)
     enhance_rows: int = 0       # rows of gradient-enabled calls (regional concept enhancement)
+    invert_rows: int = 0        # rows of the reference's inversion (conductor layout alignment)
+    align_rows: int = 0         # rows of gradient-enabled calls up to the alignment layer (conductor)
 
     def reset(self):
         self.unet_calls = self.unet_rows = self.replayed_calls = self.probe_rows = self.enhance_rows = 0
+        self.invert_rows = self.align_rows = 0

@@ -22,6 +22,7 @@ from ..base import HostPass, SessionBase
 from ..branches import branch_parts, chunked, row_plan, stacked_conds
 from ..calls import CallImages
 from .call import ConductorCall
+from .align import AlignCall, LayoutAlignment, layout_alignment, record_cross
 from .inject import inject, make_injection_forward
 from .layers import decoder_attention
 
@@ -34,6 +35,7 @@ class ConductorSession(SessionBase):
         super().__init__(*args, **kwargs)
         self._decoder = decoder_attention(self.unet)
         self._watchers: dict = {}   # attention module -> fn(q, k, heads, call): refinement and alignment captures
+        self._alignment: LayoutAlignment | None = None   # the batch's layout alignment (a reference picture)
 
     def _lora_forward(self, original, by_concept, module=None):
         return make_lora_forward(original, by_concept, self.run)
@@ -54,6 +56,8 @@ class ConductorSession(SessionBase):
         watcher = self._watchers.get(module)
         if watcher is not None and not cross and isinstance(self.run.call, ConductorCall):
             watcher(q, k, heads, self.run.call)
+        if cross and isinstance(self.run.call, AlignCall):   # the reference's inversion: automatic regions
+            record_cross(self.recorders, q, k, heads)
         return host(q, k, v)
 
     def attention_output(self, out: torch.Tensor, *, layer, decoder: bool) -> torch.Tensor:
@@ -65,9 +69,15 @@ class ConductorSession(SessionBase):
     # ---- the batch ------------------------------------------------------------------------
 
     def sample(self, host: HostPass) -> torch.Tensor:
+        """With a reference picture (host.reference) the layout alignment runs inside the pass
+        (align.py); without one nothing of it runs."""
         self._host = host
-        with self.single_pass():
-            return host.sample(host.initial)
+        self._alignment = layout_alignment(self, host)
+        try:
+            with self.single_pass():
+                return host.sample(host.initial)
+        finally:
+            self._alignment = None
 
     @contextlib.contextmanager
     def single_pass(self):
@@ -83,6 +93,8 @@ class ConductorSession(SessionBase):
         if self.phase != "conductor":
             return model_fn(x, sigma, cond)
         self._check_size(x)
+        if self._alignment is not None:   # inverts the reference first, then moves the latent early on
+            x = self._alignment.before_call(model_fn, x, sigma, cond, images, step, total_steps)
         plain = self._plain_until_start(model_fn, x, sigma, cond, images, step, total_steps)
         if plain is not None:
             return plain

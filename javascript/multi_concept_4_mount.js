@@ -31,11 +31,30 @@
         box.dispatchEvent(new Event("input", {bubbles: true}));
     };
 
-    MC.selectedOutputImage = function () {
+    function selectedOutputElement() {
         const gallery = root().querySelector("#txt2img_gallery");
-        if (!gallery) return null;
-        const image = gallery.querySelector(".preview img, button.selected img, img");
+        return gallery ? gallery.querySelector(".preview img, button.selected img, img") : null;
+    }
+
+    MC.selectedOutputImage = function () {
+        const image = selectedOutputElement();
         return image ? image.src : null;
+    };
+
+    // The selected output's pixels as a PNG data URL ("" when none is shown yet), for Python to
+    // take as the reference picture: the page already holds it, so nothing is fetched again.
+    MC.selectedOutputPicture = function () {
+        const image = selectedOutputElement();
+        if (!image || !image.complete || !image.naturalWidth) return "";
+        const canvas = document.createElement("canvas");
+        canvas.width = image.naturalWidth;
+        canvas.height = image.naturalHeight;
+        canvas.getContext("2d").drawImage(image, 0, 0);
+        try {
+            return canvas.toDataURL("image/png");
+        } catch (error) {   // an image from another origin cannot be read
+            return "";
+        }
     };
 
     // Called by gradio (js= / _js=) with the job JSON whenever the job changes.

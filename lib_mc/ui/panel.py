@@ -32,11 +32,13 @@ import gradio as gr
 from ..job import MODES
 from . import compat
 from .panel_state import (CONCEPT_FIELDS, MAX_UI_CONCEPTS, REGION_CHOICES, TOP_FIELDS, add_lora, apply_canvas,
-                          compose, decompose, default_values, shown_fields)
+                          compose, decompose, default_values, reference_image, shown_fields)
 
 ELEM = "multi_concept"
 HIDDEN = ["mc-hidden"]   # in the page for the canvas script, out of sight (style.css)
 MAX_GROW_SLIDER = 64   # px; the API takes up to MAX_GROW_PX
+PICK_OUTPUT_JS = ("(...values) => { values[0] = window.MultiConcept ? "
+                  "window.MultiConcept.selectedOutputPicture() : ''; return values; }")
 TO_CANVAS_JS = "(job) => { if (window.MultiConcept) window.MultiConcept.fromJob(job); return []; }"
 
 
@@ -175,8 +177,12 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
                                      elem_id=f"{ELEM}_mask_refine_k", minimum=0, min_width=120,
                                      info="k-means k; 0: every k from N+1 to 2N+1")
             with gr.Row():
-                reference = unsaved(compat.mask_upload("Reference picture (conductor)", elem_id=f"{ELEM}_reference",
-                                                       height=160))
+                with gr.Column():
+                    reference = unsaved(compat.mask_upload("Reference picture (conductor)",
+                                                           elem_id=f"{ELEM}_reference", height=160))
+                    from_output = unsaved(gr.Button("Use the selected output as reference",
+                                                    elem_id=f"{ELEM}_reference_from_output", size="sm"))
+                    picked = gr.Textbox("", visible=False, elem_id=f"{ELEM}_reference_picked")
                 with gr.Column():
                     align_until = gr.Slider(0, 1, top["align_until"], step=0.05, label="Alignment until (conductor)",
                                             elem_id=f"{ELEM}_align_until",
@@ -204,6 +210,7 @@ def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callabl
     compat.value_when_served(job, lambda: compose(*(c.value for c in controls)))
     _wire(controls, job, paste_box, count, concepts, refresh_lora_names or lora_names)
     _wire_canvas(controls, job, canvas)
+    _wire_reference(controls, job, from_output, picked)
     return Panel(job, paste_box, controls, [concept.components for concept in concepts])
 
 
@@ -245,6 +252,21 @@ def _wire(controls, job, paste_box, count, concepts, lora_names):
             return [compat.update() for _ in controls] + [compat.update()]
         return values + [compose(*values)]
     paste_box.change(pasted, inputs=[paste_box], outputs=controls + [job], show_progress=False)
+
+
+def _wire_reference(controls, job, button, picked):
+    """The selected output image (the page reads its pixels) -> the reference upload and the job."""
+    at = TOP_FIELDS.index("reference")
+
+    def taken(picture, *values):
+        image = reference_image(picture or "")
+        if image is None:   # no output shown yet
+            return [compat.update(), compat.update()]
+        values = list(values)
+        values[at] = image
+        return [image, compose(*values)]
+    button.click(taken, inputs=[picked] + controls, outputs=[controls[at], job], show_progress=False,
+                 **compat.js_kwargs(PICK_OUTPUT_JS))
 
 
 def _wire_canvas(controls, job, canvas):

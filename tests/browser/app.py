@@ -1,7 +1,7 @@
 """A gradio app that mounts the real Multi-Concept panel the way the WebUI does, for browser tests.
 
 It builds txt2img's width/height controls (same element ids as A1111/Forge) and a button that
-sets them from Python (as Forge's UI presets do), the panel from
+sets them from Python (as Forge's UI presets do), an output gallery (`txt2img_gallery`), the panel from
 `build_panel`, a Generate button whose handler records the job JSON that Python receives, and
 a Load button that pastes a job into the panel's paste box as infotext does. The extension's
 javascript/*.js go into <head> and style.css into <body>, as `file=` URLs, exactly like the
@@ -20,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import gradio as gr            # noqa: E402
+from PIL import Image          # noqa: E402
 import gradio.routes           # noqa: E402
 
 from lib_mc.ui.panel import build_panel   # noqa: E402
@@ -57,6 +58,11 @@ def build(record: pathlib.Path) -> gr.Blocks:
         received = gr.Textbox(label="received", elem_id="received")
         load_text = gr.Textbox(label="load", elem_id="load_text")
         load = gr.Button("Load", elem_id="load_button")
+        # an output shown in txt2img's gallery (same element id): the panel can take it as reference;
+        # last, so that it moves nothing the other tests scroll to
+        output = Image.new("RGB", (96, 64), (0, 200, 0))
+        output.paste((200, 0, 200), (48, 0, 96, 64))   # green left, purple right
+        gr.Gallery([output], elem_id="txt2img_gallery", label="Output")
 
         def run(job: str) -> str:
             record.write_text(job)

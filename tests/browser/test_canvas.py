@@ -275,3 +275,18 @@ def test_a_conductor_jobs_reference_picture_shows_under_the_regions_and_reaches_
     page.fill("#load_text textarea", json.dumps({**job, "reference": ""}))   # a job without one: removed
     page.click("#load_button")
     page.wait_for_function("window.MultiConcept.editor.background === null")
+
+
+def test_the_selected_output_becomes_the_reference_picture(page, panel_app):
+    page.locator("#txt2img_gallery img").first.wait_for(state="visible")
+    page.wait_for_function("(() => { const i = document.querySelector('#txt2img_gallery img');"
+                           " return i && i.complete && i.naturalWidth > 0; })()")
+    page.locator("#multi_concept_options .label-wrap").first.click()
+    page.click("#multi_concept_reference_from_output")
+    wait_for_job(page, "job.reference && job.reference.length > 0")
+    received = parse_job(json.dumps(generate(page, panel_app)))
+    got = Image.open(io.BytesIO(base64.b64decode(received.reference))).convert("RGB")
+    assert got.size == (96, 64)
+    assert np.abs(np.array(got.getpixel((10, 30))) - (0, 200, 0)).max() <= 3
+    assert np.abs(np.array(got.getpixel((80, 30))) - (200, 0, 200)).max() <= 3
+    page.wait_for_function("window.MultiConcept.editor.background !== null")   # and it is under the regions

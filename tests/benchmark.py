@@ -1,7 +1,16 @@
 """Cost of multi-concept sampling (every mode) against a plain generation, measured in one run.
 
-    python tests/benchmark.py [--steps 20] [--size 256] [--channels 64] [--device auto] [--threads 1]
-                              [--modes blend,regional,conductor] [--repeats 1] [--lora-rank 16]
+    python tests/benchmark.py [--sd15 | --sdxl] [--steps 20] [--size 256] [--channels 64]
+                              [--context-dim 32] [--modes blend,regional,conductor] [--concepts 1,2,4]
+                              [--repeats 1] [--lora-rank 16] [--device auto] [--threads 1]
+
+The UNet (random weights, tests/benchmark_models.py): SD1.5's layout (ldm) at the CPU size
+(256 px, 64 channels) by default, at its full size with --sd15 (512 px, 320 channels, 768-wide
+context), or SDXL's (sgm: 3 levels, 0/2/10 transformer blocks, `vector` conditioning through
+label_emb, SDXL's conditioning and CFG host) with --sdxl: 1024 px, 320 channels (2.6 B
+parameters, built on the device, fp16 weights on CUDA), 2048-wide context, unless --size,
+--channels, --context-dim say otherwise (`--sdxl --size 128 --channels 32 --context-dim 64` runs
+on a CPU). On CUDA the sampler runs under fp16 autocast, as A1111 does.
 
 For plain and, per mode, for 1, 2 and 4 concepts (same UNet, steps, seed, Euler a, every
 concept with its own kohya LoRA on the attention, feed-forward and proj_in/proj_out layers) it
@@ -14,13 +23,19 @@ isolation alone costs (2 concepts without it), re-initialisation (2 concepts wit
 probe call of cond rows before the pass) and concept enhancement (a forward and a backward of
 the cond rows in each of the first half of the steps: the evaluations column counts the
 forwards). Conductor runs (one pass from the first step: base rows and every concept's rows in
-each call, decoder attention injected) come with mask refinement on its default schedule and
-without it. Peak memory is measured after all timing, in runs of its own. Then the memory one more row adds to a UNet call,
-measured and as lib_mc/memory.py estimates it, and from both the peak of 4 concepts at SDXL
-1024x1024, batch 2, and the rows per call a 12 GB card holds.
+each call, decoder attention injected) come with mask refinement on its default schedule,
+without it, and with a reference latent (`conductor 2 reference`: a smooth stand-in for a VAE
+latent, inverted at the first call, the latent aligned to its keys during the default
+align_until; a line after the table splits its evaluations into the sampler's, the
+inversion's and the alignment's, and gives its peak memory as a ratio to blend 2's). A row that
+fails is reported with its error (traceback on stderr) and the others still run; the exit status
+is then 1. Peak memory is measured after all timing, in runs of its own. Then the memory one
+more row adds to a UNet call, measured and as lib_mc/memory.py estimates it, and from both the
+peak of 4 concepts at SDXL 1024x1024, batch 2, and the rows per call a 12 GB card holds.
 
 torch runs one thread unless --threads says otherwise, and the load average is printed at the
 start and the end: time ratios on a CPU shared with other work are only as good as that load.
+A line per finished run goes to stderr as it ends, so a run cut short still tells what it measured.
 """
 
 from __future__ import annotations
@@ -33,24 +48,21 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from safetensors.torch import save_file  # noqa: E402
-
+from benchmark_models import KOHYA_TARGETS, build_sd15, build_sdxl, sdp_attention_forward, write_kohya_lora  # noqa: E402,F401
 from lib_mc.engine import HostPass, make_session  # noqa: E402
 from lib_mc.lora import load_network  # noqa: E402
-from lib_mc.memory import GIB, UNetShape, estimate_bytes_per_row, rows_that_fit  # noqa: E402
+from lib_mc.memory import GIB, estimate_bytes_per_row, rows_that_fit  # noqa: E402
+from lib_mc.methods.conductor.layers import alignment_layer  # noqa: E402
+from lib_mc.methods.schedule import SamplerSchedule  # noqa: E402
 from lib_mc.plan import build_plan  # noqa: E402
-from tinyhost import CFGHost, TinyLDM, count_unet_rows, random_context  # noqa: E402
-
-# the layers a kohya LoRA (networks.lora, not LoCon) trains in SD1.5's UNet: every transformer
-# block's attention projections, both feed-forward layers and proj_in / proj_out (1x1 convs)
-KOHYA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
-                 "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+from tinyhost import count_unet_rows  # noqa: E402
 
 
 class PeakMemory:
@@ -103,19 +115,15 @@ def return_freed_memory_to_the_os():
         print("(not glibc: CPU peak memory figures may read low)")
 
 
-def row_bytes(unet, batches: tuple[int, int], latent_hw, context_dim: int, device) -> float:
+def row_bytes(model, batches: tuple[int, int], latent_hw, device) -> float:
     """Peak memory one more batch row adds to a UNet call: (peak(b2) - peak(b1)) / (b2 - b1)."""
     peaks = []
     for rows in batches:
-        x = torch.randn((rows, 4) + latent_hw, device=device)
-        t = torch.full((rows,), 500.0, device=device)
-        context = torch.randn(rows, 77, context_dim, device=device)
         with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=device.type == "cuda"):
-            unet(x, t, context=context)   # warm-up: first-call allocations are not per row
+            model.call(rows, latent_hw)   # warm-up: first-call allocations are not per row
             with PeakMemory(device) as memory:
-                unet(x, t, context=context)
+                model.call(rows, latent_hw)
         peaks.append(memory.peak - memory.start)
-        del x, t, context
     return (peaks[1] - peaks[0]) / (batches[1] - batches[0])
 
 
@@ -148,51 +156,38 @@ def print_memory(measured: float, estimated: int, label: str):
           f"{'the 22 rows fit in one call' if fit >= rows else f'{-(-rows // max(fit, 1))} calls per step'}")
 
 
-def sdp_attention_forward(self, x, context=None, mask=None, **kwargs):
-    """Attention as A1111's sd_hijack_optimizations installs it (the 'sdp' option), class-wide."""
-    source = x if context is None else context
-    q, k, v = self.to_q(x), self.to_k(source), self.to_v(source)
-    b, n, inner = q.shape
-    q, k, v = (t.view(b, -1, self.heads, inner // self.heads).transpose(1, 2) for t in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    return self.to_out(out.transpose(1, 2).reshape(b, n, inner))
+REFERENCE_ROW = "conductor 2 reference"
 
 
-def build_unet(channels: int, context_dim: int, device):
-    """SD1.5's UNet layout (sd-v1 config: 4 levels, 2 res blocks, 8 heads); width from --channels."""
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-    torch.manual_seed(0)
-    unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=channels,
-                     attention_resolutions=[1, 2, 4], num_res_blocks=2, channel_mult=(1, 2, 4, 4),
-                     num_heads=8, use_spatial_transformer=True, transformer_depth=1, context_dim=context_dim,
-                     use_checkpoint=False, legacy=False)
-    with torch.no_grad():
-        for module in unet.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.weight.abs().max() == 0:
-                module.weight.normal_(0, 0.02)
-    return unet.eval().to(device)
+def reference_latent(latent_hw, seed: int = 7) -> torch.Tensor:
+    """What a VAE makes of a picture, roughly: smooth, low-frequency values of unit scale (a
+    latent of pure noise would be a picture of noise)."""
+    coarse = torch.randn((1, 4, 4, 4), generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=tuple(latent_hw), mode="bicubic", align_corners=False)
 
 
-def write_kohya_lora(path: str, unet: torch.nn.Module, seed: int, rank: int, alpha: float = 8.0) -> int:
-    """A kohya-format LoRA file of this rank on KOHYA_TARGETS; returns the number of layers."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, module in unet.named_modules():
-        if not name.endswith(KOHYA_TARGETS) or not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
-        weight = module.weight
-        tail = tuple(weight.shape[2:])   # (1, 1) for the proj convs
-        key = "lora_unet_" + name.replace(".", "_")
-        state[f"{key}.lora_down.weight"] = torch.randn((rank, weight.shape[1]) + tail, generator=gen) * 0.05
-        state[f"{key}.lora_up.weight"] = torch.randn((weight.shape[0], rank) + (1,) * len(tail), generator=gen) * 0.05
-        state[f"{key}.alpha"] = torch.tensor(alpha)
-    save_file(state, path)
-    return len(state) // 3
+def print_alignment(results, stats, align_name: str, steps: int) -> None:
+    """The reference row's evaluations by kind, and its peak memory against blend 2's (the issue:
+    under 2x)."""
+    by_label = {r[0]: r for r in results}
+    _, _, _, evals, ratio, peak, _ = by_label[REFERENCE_ROW]
+    sampler = evals - stats.invert_rows - stats.align_rows
+    print(f"\n{REFERENCE_ROW}: {evals} UNet evals = {sampler} of the sampler's calls (base and concept rows) + "
+          f"{stats.invert_rows} of the reference's inversion ({steps} levels + 1, cond rows, no grad) + "
+          f"{stats.align_rows} of the alignment (forward up to {align_name}, then backward, one branch at a "
+          f"time); time {ratio:.2f}x plain, peak {peak:.1f} MB above the model")
+    blend = by_label.get("blend 2")
+    if blend is None:
+        print("  (no blend 2 row in this run: --modes with blend and --concepts with 2 give the memory ratio)")
+    elif blend[5] > 0:
+        print(f"  peak / blend 2's peak ({blend[5]:.1f} MB): {peak / blend[5]:.2f} (the issue asks for under 2)")
 
 
-def run_sampler(host, steps, latent_hw, device, seed=0, initial=None):
+def run_sampler(host, steps, latent_hw, device, seed=0, initial=None, moved=None):
     """Euler a from the seed's noise (or `initial`, unscaled noise of that shape); the ancestral
-    noise always comes from the seed, after the initial noise's draw."""
+    noise always comes from the seed, after the initial noise's draw. moved: a dict the engine
+    fills with {image: latent} during a denoiser call (layout alignment's HostPass.latent_moved);
+    those latents become the sampler's own when the call returns, as a host does it."""
     from k_diffusion import sampling
     gen = torch.Generator(device="cpu").manual_seed(seed)
     sigmas = host.inner.get_sigmas(steps).to(device)
@@ -200,21 +195,43 @@ def run_sampler(host, steps, latent_hw, device, seed=0, initial=None):
     x = ((drawn if initial is None else initial.cpu()) * sigmas[0].cpu()).to(device)
     noise = lambda s, s_next: torch.randn(x.shape, generator=gen).to(device)  # noqa: E731
     host.step, host.total_steps = 0, steps
+    denoiser = host
+
+    if moved is not None:
+        def denoiser(x, sigma):
+            out = host(x, sigma)
+            for image, latent in moved.items():
+                x[image] = latent.to(x.dtype)   # in place: the sampler's next move starts from it
+            moved.clear()
+            return out
     # like A1111: fp32 latents, UNet matmuls in fp16 under autocast on CUDA
     with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=device.type == "cuda"):
-        out = sampling.sample_euler_ancestral(host, x, sigmas, disable=True, noise_sampler=noise)
+        out = sampling.sample_euler_ancestral(denoiser, x, sigmas, disable=True, noise_sampler=noise)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return out
 
 
-def main():
+SIZES = {   # (image side, model_channels, context width) when not given
+    "cpu": (256, 64, 32),      # the CPU size of the SD1.5 layout
+    "sd15": (512, 320, 768),
+    "sdxl": (1024, 320, 2048),
+}
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size / 8)")
-    parser.add_argument("--channels", type=int, default=64, help="UNet model_channels (SD1.5: 320)")
-    parser.add_argument("--context-dim", type=int, default=32, help="text context width (SD1.5: 768)")
-    parser.add_argument("--sd15", action="store_true", help="SD1.5's full size: 512px, 320 channels, 768 context")
+    parser.add_argument("--size", type=int, help="image side in pixels (latent = size / 8); default 256, "
+                                                 "--sd15 512, --sdxl 1024")
+    parser.add_argument("--channels", type=int, help="UNet model_channels (default 64; SD1.5 and SDXL: 320)")
+    parser.add_argument("--context-dim", type=int, help="text context width (default 32; SD1.5: 768, SDXL: 2048)")
+    family = parser.add_mutually_exclusive_group()
+    family.add_argument("--sd15", action="store_true", help="SD1.5's full size: 512px, 320 channels, 768 context")
+    family.add_argument("--sdxl", action="store_true",
+                        help="SDXL's UNet (sgm, 3 levels, transformer depth 0/2/10, `vector` conditioning): "
+                             "1024px, 320 channels (2.6 B parameters), 2048 context unless --size, --channels, "
+                             "--context-dim say otherwise (e.g. --size 128 --channels 32 --context-dim 64 on a CPU)")
     parser.add_argument("--start-at", type=float, default=0.3)
     parser.add_argument("--concepts", default="1,2,4")
     parser.add_argument("--auto-concepts", default="2",
@@ -225,43 +242,55 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--host-attention", choices=["sdp", "ldm"], default="sdp",
-                        help="the host's attention: A1111's sdp optimisation (default) or ldm's own einsum")
+                        help="the host's attention: A1111's sdp optimisation (default) or ldm's / sgm's own")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1, so other work on the machine skews plain and "
                              "two-stage alike)")
     parser.add_argument("--row-batches", default="4,12",
                         help="memory per UNet row from the peaks of calls of these two batch sizes; '' skips")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    defaults = SIZES["sdxl" if args.sdxl else "sd15" if args.sd15 else "cpu"]
+    for name, default in zip(("size", "channels", "context_dim"), defaults):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.size % 8 or args.size < 64:
+        parser.error(f"--size: the image side must be a multiple of 8 and at least 64, got {args.size}")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(args.modes) - {"blend", "regional", "conductor"}
+    if unknown:
+        parser.error(f"--modes: unknown mode {sorted(unknown)[0]!r} (known: blend, regional, conductor)")
+    return args
+
+
+def progress(message: str) -> None:
+    """A line per finished run on stderr, so a run stopped by a time limit still tells what it measured."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     load_at_start = os.getloadavg()
-    if args.sd15:
-        args.size, args.channels, args.context_dim = 512, 320, 768
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    if args.host_attention == "sdp":
-        from ldm.modules.attention import CrossAttention
-        CrossAttention.forward = sdp_attention_forward
-    unet = build_unet(args.channels, args.context_dim, device)
-    ldm = TinyLDM(unet).to(device)
-    context = lambda seed: random_context(seed, tokens=77, dim=args.context_dim).to(device)  # noqa: E731
-    host = CFGHost(ldm, context(1), context(2))
+    build = build_sdxl if args.sdxl else build_sd15
+    model = build(args.channels, args.context_dim, device, args.host_attention)
+    unet, host = model.unet, model.host
+    context = model.cond
     latent_hw = (args.size // 8, args.size // 8)
     folder = tempfile.mkdtemp()
     counts = [int(c) for c in args.concepts.split(",")]
     auto_counts = [int(c) for c in args.auto_concepts.split(",") if c.strip()]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - {"blend", "regional", "conductor"}
-    if unknown:
-        parser.error(f"--modes: unknown mode {sorted(unknown)[0]!r} (known: blend, regional, conductor)")
+    modes = args.modes
     if "blend" not in modes:
         auto_counts = []
-    regional_extra = [2] if "regional" in modes else []   # isolation off / re-initialisation rows
+    extra = [2] if {"regional", "conductor"} & set(modes) else []   # the 2-concept variant rows
     networks = []
-    for i in range(max(counts + auto_counts + regional_extra)):
+    for i in range(max(counts + auto_counts + extra)):
         path = os.path.join(folder, f"concept{i}.safetensors")
-        layers = write_kohya_lora(path, unet.cpu(), seed=100 + i, rank=args.lora_rank)
+        layers = write_kohya_lora(path, unet, seed=100 + i, rank=args.lora_rank)
         networks.append(load_network(path))
-    unet.to(device)
+    progress(f"built {model.description} on {device}; {len(networks)} LoRA files of {layers} layers")
 
     def plan_for(n, auto=False, **options):
         if auto:   # concept i watches context token 1 + i of the base prompt
@@ -278,12 +307,15 @@ def main():
                           (args.size, args.size),
                           **{"start_at": args.start_at, **options})
 
+    def session_for(mode, plan):
+        return make_session(mode, unet, plan, context_key=model.context_key)
+
     def plain():
         host.route = None
         return run_sampler(host, args.steps, latent_hw, device)
 
     def two_stage(n, auto=False):
-        session = make_session("blend", unet, plan_for(n, auto))
+        session = session_for("blend", plan_for(n, auto))
         host.route = session.denoise
         with session.stage1():
             run_sampler(host, args.steps, latent_hw, device)
@@ -294,7 +326,7 @@ def main():
         """One pass; drawn regions from the first step. With reinit through session.sample, as a
         host samples a batch: the probe pass stops at its first call, the real pass samples the
         re-initialised noise with the same ancestral noise."""
-        session = make_session("regional", unet, plan_for(n, start_at=0.0, **options))
+        session = session_for("regional", plan_for(n, start_at=0.0, **options))
         host.route = session.denoise
         if not options.get("reinit"):
             with session.single_pass():
@@ -304,13 +336,25 @@ def main():
                                                                         initial=noise),
                                        initial=initial, replay_noise=lambda: None))
 
-    def conductor(n, **options):
+    stats = {}   # run label -> the session's Stats of its latest run
+
+    def conductor(n, reference=False, label=None, **options):
         """One pass; drawn regions from the first step, every concept's branch rows beside the
-        base rows, mask refinement on its default schedule unless switched off."""
-        session = make_session("conductor", unet, plan_for(n, start_at=0.0, **options))
+        base rows, mask refinement on its default schedule unless switched off. reference: with
+        a reference latent, through session.sample as a host samples a batch: the reference
+        inverted at the first call, the latent aligned to its keys in the early steps."""
+        session = session_for("conductor", plan_for(n, start_at=0.0, **options))
+        stats[label] = session.stats
         host.route = session.denoise
-        with session.single_pass():
-            return run_sampler(host, args.steps, latent_hw, device)
+        if not reference:
+            with session.single_pass():
+                return run_sampler(host, args.steps, latent_hw, device)
+        moved = {}
+        initial = torch.randn((1, 4) + latent_hw, generator=torch.Generator().manual_seed(0))
+        return session.sample(HostPass(
+            sample=lambda noise: run_sampler(host, args.steps, latent_hw, device, initial=noise, moved=moved),
+            initial=initial, replay_noise=lambda: None, reference=reference_latent(latent_hw).to(device),
+            schedule=SamplerSchedule(host.inner.get_sigmas(args.steps)), latent_moved=moved.update))
 
     plain()  # warm-up
     rows = count_unet_rows(unet)
@@ -326,40 +370,59 @@ def main():
                  ("regional 2 enhance", 2, "regional", lambda: regional(2, enhance=True))]
     if "conductor" in modes:
         runs += [(f"conductor {n}", n, "conductor", (lambda n=n: conductor(n))) for n in counts]
-        runs += [("conductor 2 no refinement", 2, "conductor", lambda: conductor(2, mask_refine=False))]
+        runs += [("conductor 2 no refinement", 2, "conductor", lambda: conductor(2, mask_refine=False)),
+                 (REFERENCE_ROW, 2, "conductor", lambda: conductor(2, reference=True, label=REFERENCE_ROW))]
     plain_times = []
+    not_finite = []
+    failed = {}   # label -> the error: a row that fails is reported, the others still run
+    timed = []
     for label, n, mode, fn in runs:
         ratios, cpu_ratios = [], []
-        for _ in range(args.repeats):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            plain()
-            plain_time, plain_cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            rows.count = 0
-            start, cpu_start = time.perf_counter(), time.process_time()
-            fn()
-            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-            plain_times.append(plain_time)
-            ratios.append(elapsed / plain_time)
-            cpu_ratios.append(cpu / plain_cpu)
+        try:
+            for _ in range(args.repeats):
+                start, cpu_start = time.perf_counter(), time.process_time()
+                plain()
+                plain_time, plain_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                rows.count = 0
+                start, cpu_start = time.perf_counter(), time.process_time()
+                out = fn()
+                elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                plain_times.append(plain_time)
+                ratios.append(elapsed / plain_time)
+                cpu_ratios.append(cpu / plain_cpu)
+        except Exception as exc:   # noqa: BLE001 (reported below, with its traceback on stderr)
+            failed[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            progress(f"FAILED {label}:\n{traceback.format_exc()}")
+            host.route = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        if not torch.isfinite(out).all():
+            not_finite.append(label)
         results.append([label, n, mode, rows.count, statistics.median(ratios), None,
                         statistics.median(cpu_ratios)])
+        timed.append(fn)
+        progress(f"timed {label}: {rows.count} UNet evals, {elapsed:.2f} s (plain {plain_time:.2f} s)")
     # peak memory in runs of their own, after all timing: on the CPU it is sampled by a thread
     # (whose CPU time and GIL turns would count against a timed run), and freed memory has to
     # leave the process to be seen, which makes every allocation a page fault (return_freed_
     # memory_to_the_os): that would slow the method with more temporaries more than plain
     if device.type == "cpu":
         return_freed_memory_to_the_os()
-    for result, (label, n, mode, fn) in zip(results, runs):
+    for result, fn in zip(results, timed):
         with PeakMemory(device) as memory:
             fn()
         result[5] = memory.extra_mb
+        progress(f"memory {result[0]}: peak {memory.extra_mb:.1f} MB above the model")
     rows.remove()
     host.route = None
 
     plain_evals = 2 * args.steps
     start_step = round(args.start_at * args.steps)
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
-          f"host attention {args.host_attention}, UNet model_channels {args.channels} context {args.context_dim}, "
+    precision = (f"{str(model.weights_dtype).replace('torch.', '')} weights, fp16 autocast"
+                 if device.type == "cuda" else "float32")
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), {precision}, "
+          f"host attention {args.host_attention}, {model.description}, "
           f"{args.size}x{args.size}, "
           f"{args.steps} steps Euler a, CFG, batch 1; blend from step {start_step}, regional and conductor from step 0")
     print(f"each concept: a kohya LoRA of rank {args.lora_rank} on {layers} layers (attention, ff, proj_in/out), "
@@ -378,15 +441,22 @@ def main():
         naive_cells = f"{naive:>13}{naive / plain_evals:>9.2f}" if mode == "blend" else f"{'-':>13}{'-':>9}"
         print(f"{label:<25}{evals:>11}{evals / plain_evals:>9.2f}{ratio:>14.2f}{peak:>9.1f}{naive_cells}"
               f"{cpu_ratio:>12.2f}")
+    for label, error in failed.items():
+        print(f"{label:<25}FAILED {error}")
+    if REFERENCE_ROW in stats and REFERENCE_ROW not in failed:
+        print_alignment(results, stats[REFERENCE_ROW], align_name=alignment_layer(unet)[0], steps=args.steps)
+    if not_finite:
+        print(f"(non-finite values in the final latents of: {', '.join(not_finite)}; random weights in "
+              f"{'fp16' if device.type == 'cuda' else 'float32'} can overflow, the timings still hold)")
 
     if args.row_batches.strip():
         batches = tuple(int(b) for b in args.row_batches.split(","))
-        measured = row_bytes(unet, batches, latent_hw, args.context_dim, device)
-        shape = UNetShape(args.channels, (1, 2, 4, 4), 2, (1, 1, 1, 0))   # build_unet's levels
-        estimated = estimate_bytes_per_row(shape, latent_hw, 2 if device.type == "cuda" else 4)
+        measured = row_bytes(model, batches, latent_hw, device)
+        estimated = estimate_bytes_per_row(model.shape, latent_hw, 2 if device.type == "cuda" else 4)
         print_memory(measured, estimated, f"{args.size}x{args.size} (calls of {batches[0]} and {batches[1]} rows, "
                                           f"{'fp16 autocast' if device.type == 'cuda' else 'float32'})")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -125,9 +125,13 @@ class A1111Sampler:
         self.sigma_source = denoiser
         self.model_wrap_cfg = A1111CFGDenoiser(EpsInner(denoiser) if eps else denoiser, opts)
 
+    def get_sigmas(self, p, steps):
+        """As A1111's: the sigmas `sample` runs over (the glue reads them for layout alignment)."""
+        return self.sigma_source.get_sigmas(steps)
+
     def sample(self, p, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None):
         steps = steps or p.steps
-        sigmas = self.sigma_source.get_sigmas(steps)
+        sigmas = self.get_sigmas(p, steps)
         return self._run(p, x * sigmas[0], sigmas, conditioning, unconditional_conditioning, image_conditioning)
 
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,

@@ -110,14 +110,16 @@ def _routing(p, cfg, state: webui.JobState, counter: webui.StepCount) -> PatchSe
     """Every inner-model call of this batch's CFG denoiser goes through the engine session.
     Each UNet call the engine makes is given what sd-webui-controlnet expects of it (see
     `a1111_controlnet`): its rows marked cond/uncond when the host's were, and the units' hints
-    and image embeddings of the host row each row stands for."""
+    and image embeddings of the host row each row stands for. Latents the engine moved during
+    a call (conductor's layout alignment) are written into the sampler's own latent after it."""
     rows = CondRows()
     units = UnitRows(find_units(p))
 
     def cfg_forward(original_forward):
         def forward(x_, sigma, *args, **kwargs):
             rows.begin(x_.shape[0])
-            return original_forward(x_, sigma, *args, **kwargs)
+            out = original_forward(x_, sigma, *args, **kwargs)
+            return state.moves.apply(cfg, x_, sigma, out)   # x_ is the sampler's latent: alignment's moves go there
         return forward
 
     def inner_forward(original_forward):

@@ -101,7 +101,7 @@ def process_before_every_sampling(p, **kwargs) -> None:
             p.sd_model.forge_objects.unet = _routed_unet(p.sd_model.forge_objects.unet, state, counter)
         except Exception as exc:   # raised from the sampler call, where the WebUI shows it
             state.error = exc
-    webui.wrap_sampler(p, state, counter)
+    webui.wrap_sampler(p, state, counter, routing=webui.moves_routing(p.sampler.model_wrap_cfg, state))
 
 
 def _route_hires(p, state: webui.JobState, x) -> None:

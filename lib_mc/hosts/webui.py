@@ -31,6 +31,9 @@ from modules import devices, rng, shared
 from modules import extra_networks as host_extra_networks
 
 from ..engine import HostPass, SessionBase
+from ..patcher import PatchSet
+from ..methods.schedule import SamplerSchedule
+from ..reference import reference_pixels
 from ..errors import EngineError, MultiConceptError
 from ..infotext import KEY as INFOTEXT_KEY, ImageInfotext
 from ..job import Job, JobError, parse_job
@@ -55,6 +58,8 @@ class JobState:
     found: dict[int, dict[int, str]] = field(default_factory=dict)   # image index -> concept -> found mask PNG
     session: SessionBase | None = None           # this batch's engine session (the job's method)
     routed_sampler: object = None                # the sampler whose sample() this batch wrapped
+    reference: tuple | None = None               # (image size, the reference picture's latent): encoded once a job
+    moves: "LatentMoves" = field(default_factory=lambda: LatentMoves())   # latents the engine moved (alignment)
 
 
 def state_of(p) -> JobState | None:
@@ -303,13 +308,13 @@ def wrap_sampler(p, state: JobState, counter: StepCount, routing=None) -> None:
             return original(p_, noise, conditioning, unconditional_conditioning, steps=steps,
                             image_conditioning=image_conditioning, **kwargs)
         if routing is None:
-            return _sample_batch(p_, state, counter, x, sample_once)
+            return _sample_batch(p_, state, counter, x, sample_once, steps)
         with routing:
-            return _sample_batch(p_, state, counter, x, sample_once)
+            return _sample_batch(p_, state, counter, x, sample_once, steps)
     sampler.sample = routed_sample
 
 
-def _sample_batch(p, state: JobState, counter: StepCount, x: torch.Tensor, sample_once: Callable):
+def _sample_batch(p, state: JobState, counter: StepCount, x: torch.Tensor, sample_once: Callable, steps=None):
     """This batch sampled by the job's method (`session.sample`), given what it needs of the host."""
     counter.stage1_calls = None
 
@@ -327,9 +332,99 @@ def _sample_batch(p, state: JobState, counter: StepCount, x: torch.Tensor, sampl
                     find_regions=lambda latents: _find_regions(p, state, latents), layout_done=layout_done,
                     layout_image=layout_image,
                     to_x0=_x0_of(cfg))
+    host.reference = reference_latent(p, state)
+    if host.reference is not None:
+        state.moves.pending.clear()
+        host.schedule, host.latent_moved = sampler_schedule(p, steps), state.moves.add
     result = state.session.sample(host)
     _remember_found(p, state)
     return result
+
+
+def reference_latent(p, state: JobState) -> torch.Tensor | None:
+    """Conductor mode's reference picture encoded by the host's VAE, as img2img encodes its
+    input (`get_first_stage_encoding(encode_first_stage(pixels))`, the posterior's mode where
+    the VAE gives a distribution, as the paper's code takes its mean), at the generation's size;
+    None without one. Encoded once per job."""
+    job = state.job
+    if getattr(job, "mode", None) != "conductor" or not getattr(job, "reference", ""):
+        return None
+    size = image_hw(p)
+    if state.reference is None or state.reference[0] != size:
+        pixels = reference_pixels(job.reference, size).to(devices.device, getattr(devices, "dtype_vae", torch.float32))
+        model = p.sd_model
+        with torch.no_grad(), devices.autocast():
+            encoded = model.encode_first_stage(pixels)
+            latent = model.get_first_stage_encoding(encoded.mode() if hasattr(encoded, "mode") else encoded)
+        state.reference = (size, latent.detach().float())
+    return state.reference[1]
+
+
+def sampler_schedule(p, steps=None) -> SamplerSchedule:
+    """The noise levels this batch's sampler will call its denoiser with: a k-diffusion sampler's
+    sigmas (`get_sigmas`), or A1111's DDIM / PLMS / UniPC timesteps over the model's
+    alphas_cumprod (`get_timesteps`); Forge calls the UNet of those with the timesteps' sigmas."""
+    sampler, steps = p.sampler, steps or p.steps
+    if hasattr(sampler, "get_sigmas"):
+        return SamplerSchedule(sampler.get_sigmas(p, steps))
+    if hasattr(sampler, "get_timesteps"):
+        timesteps = sampler.get_timesteps(p, steps).long().cpu()
+        alphas = p.sd_model.alphas_cumprod.detach().double().cpu()
+        if getattr(sampler.model_wrap_cfg, "classic_ddim_eps_estimation", False):
+            return SamplerSchedule(((1 - alphas) / alphas).sqrt()[timesteps])
+        return SamplerSchedule(timesteps, alphas_cumprod=alphas)
+    raise EngineError(f"layout alignment: cannot read the noise levels of the sampler {type(sampler).__name__}")
+
+
+class LatentMoves:
+    """Latents the engine moved during the CFG denoiser call in flight (layout alignment), made
+    the sampler's own latent when that call returns: k-diffusion samplers (and A1111's DDIM,
+    PLMS, UniPC) hand their latent tensor to the denoiser and continue from it, so the rows
+    are written into it in place and every sampler steps from the moved latent."""
+
+    def __init__(self):
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def add(self, moved: dict[int, torch.Tensor]) -> None:
+        self.pending.update(moved)
+
+    def apply(self, cfg, x: torch.Tensor, sigma: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """After the CFG denoiser's forward(x, sigma, ...) returned `out`: x[b] := image b's moved
+        latent. Forge's DDIM / PLMS / UniPC (`classic_ddim_eps_estimation`) hand over a VP latent
+        and return eps computed from x * sqrt(1 + s^2) at the timestep's sigma s, while the engine
+        moved that scaled latent: the latent goes back unscaled and eps is the moved one's."""
+        if not self.pending:
+            return out
+        pending, self.pending = self.pending, {}
+        classic = getattr(cfg, "classic_ddim_eps_estimation", False)
+        if classic:
+            alphas = cfg.inner_model.inner_model.alphas_cumprod.to(sigma.device)
+            sigmas = ((1 - alphas) / alphas).sqrt()[sigma.round().long().clamp(0, len(alphas) - 1)]
+        for b, latent in pending.items():
+            latent = latent.to(x.device, x.dtype)
+            if classic:
+                scale = (1 + sigmas[b] ** 2).sqrt()
+                out[b] = out[b] + ((latent - x[b] * scale) / sigmas[b]).to(out.dtype)
+                latent = latent / scale
+            x[b] = latent
+        return out
+
+
+def moves_routing(cfg, state: JobState):
+    """Forge: the CFG denoiser's forward wrapped so latents the engine moved go into the
+    sampler's latent (A1111's routing does this in its own CFG forward patch); None (nothing
+    wrapped) without a reference picture."""
+    job = state.job
+    if getattr(job, "mode", None) != "conductor" or not getattr(job, "reference", ""):
+        return None
+
+    def cfg_forward(original_forward):
+        def forward(x_, sigma, *args, **kwargs):
+            return state.moves.apply(cfg, x_, sigma, original_forward(x_, sigma, *args, **kwargs))
+        return forward
+    routing = PatchSet()
+    routing.add(cfg, "forward", cfg_forward)
+    return routing
 
 
 def _x0_of(cfg):

@@ -290,3 +290,52 @@ def test_a_reference_of_another_size_is_named(world):
     with pytest.raises(EngineError, match="reference latent .* does not match"):
         conduct(world, torch.zeros((1, 4, 8, 8)))
     assert unpatched(world["unet"])
+
+
+def test_forge_routing_inverts_finds_regions_and_aligns_as_the_a1111_path(world):
+    """Through forge_routing (rows [uncond, cond], attention by replace patches handing over q,
+    k, v, to_out after them) the inversion records the class word's attention, the keys stop
+    the forward at the same layer, and the moved latent and the output are the A1111 path's."""
+    from lib_mc.hosts.forge_routing import install_attention, make_unet_wrapper
+    from test_forge_routing import PatcherOptions, forge_block_attention, host_attention
+
+    def auto_plan():
+        return build_plan([dict(name="alice", cond=world["alice_cond"], loras=[(world["alice"], 0.8)], auto_tokens=[2]),
+                           dict(name="bob", cond=world["bob_cond"], loras=[(world["bob"], 1.0)], mask=left_half())],
+                          IMAGE, start_at=0.0, mask_refine=False)
+    denoiser = CompVisDenoiser(world["ldm"])
+    sigmas = denoiser.get_sigmas(4)
+    x = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    sigma = sigmas[:1]
+
+    def run(session, one_call):
+        moved = {}
+        out = session.sample(HostPass(sample=lambda noise: one_call(), initial=x, replay_noise=None,
+                                      reference=reference_latent(), schedule=SamplerSchedule(sigmas),
+                                      latent_moved=moved.update))
+        return out, moved, session
+
+    a1111 = make_session("conductor", world["unet"], auto_plan())
+    cond = {"c_crossattn": torch.cat([world["cond"], world["uncond"]])}
+    with torch.no_grad():
+        out_a, moved_a, _ = run(a1111, lambda: a1111.denoise(lambda xx, ss, cc: denoiser(xx, ss, cond=cc),
+                                                             torch.cat([x, x]), sigma.repeat(2), cond, n_cond=1,
+                                                             step=0, total_steps=4))
+    forge = make_session("conductor", world["unet"], auto_plan(), attention_on_modules=False)
+    patcher = PatcherOptions()
+    install_attention(patcher, forge, host_attention)
+    wrapper = make_unet_wrapper(forge, step=lambda: 0, total_steps=lambda: 4)
+
+    def apply_model(xx, tt, c_crossattn=None, transformer_options=None, control=None, **kwargs):
+        return denoiser(xx, tt, cond={"c_crossattn": c_crossattn})
+    args = {"input": torch.cat([x, x]), "timestep": sigma.repeat(2), "cond_or_uncond": [1, 0],
+            "c": {"c_crossattn": torch.cat([world["uncond"], world["cond"]]), "transformer_options": {"sigmas": sigma},
+                  "control": None}}
+    with torch.no_grad(), forge_block_attention(world["unet"], patcher):
+        out_f, moved_f, _ = run(forge, lambda: wrapper(apply_model, args))
+    assert forge.plan.found_masks is not None and torch.equal(forge.plan.found_masks, a1111.plan.found_masks)
+    assert forge.stats.align_rows == a1111.stats.align_rows == 3 and forge.stats.invert_rows == 5
+    torch.testing.assert_close(moved_f[0], moved_a[0], rtol=1e-4, atol=1e-4)
+    assert (moved_a[0] - x[0]).abs().max() > 1e-3
+    torch.testing.assert_close(torch.cat([out_f[1:], out_f[:1]]), out_a, rtol=1e-4, atol=1e-4 * float(out_a.abs().max()))
+    assert unpatched(world["unet"])

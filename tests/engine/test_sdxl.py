@@ -404,3 +404,38 @@ def test_conductor_injects_every_decoder_attention_output_on_sgm(world):
         assert layer.shape[0] == 4 and torch.equal(layer[:2], layer[2:]), name
     assert torch.equal(out, outputs[0][:2]) and (outputs[0][:2] - outputs[0][2:]).abs().max() > 1e-3
     assert not [n for n, m in world["unet"].named_modules() if "forward" in vars(m)]
+
+
+def test_conductor_layout_alignment_on_sgm_takes_the_papers_sdxl_step(world):
+    """A reference inverted and the latent moved through sgm's UNet (crossattn and vector per
+    branch), the keys taken at output_blocks.1.1 (transformer 4 of 10 in the full SDXL, the last
+    of this tiny one's); align_step 0 means the paper's SDXL step, 40 (SD1.5: 10)."""
+    from k_diffusion import sampling
+    from lib_mc.engine import make_session
+    from lib_mc.methods.base import HostPass
+    from lib_mc.methods.schedule import SamplerSchedule
+    steps = 4
+    initial = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    reference = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(7)) * 0.8
+
+    def first_move(**options):
+        session = make_session("conductor", world["unet"], two_concepts(world, start_at=0.0, mask_refine=False,
+                                                                        **options), context_key=CTX)
+        host = XLCFGHost(world["ldm"], world["cond"], world["uncond"])
+        host.route = session.denoise
+        sigmas = host.inner.get_sigmas(steps)
+        moved = []
+
+        def run(noise):
+            host.step, host.total_steps = 0, steps
+            with torch.no_grad():
+                return sampling.sample_euler(host, noise * sigmas[0], sigmas, disable=True)
+        out = session.sample(HostPass(sample=run, initial=initial, replay_noise=None, reference=reference,
+                                      schedule=SamplerSchedule(sigmas), latent_moved=moved.append))
+        assert torch.isfinite(out).all()
+        assert session.stats.invert_rows == steps + 1 and session.stats.align_rows == 3   # 1 step: base + 2
+        return moved[0][0] - initial[0] * sigmas[0]
+    default, ten = first_move(), first_move(align_step=10.0)
+    assert default.abs().max() > 1e-4
+    torch.testing.assert_close(default, 4 * ten, rtol=1e-4, atol=1e-5)   # x ~ 15: float32 cancellation
+    assert not [n for n, m in world["unet"].named_modules() if "forward" in vars(m)]

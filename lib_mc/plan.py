@@ -78,6 +78,8 @@ class Plan:
     # order (attention maps, attention masks, SAM, cleaned/grown, each refinement), and face boxes
     mask_steps: list[tuple[str, torch.Tensor]] = field(default_factory=list, repr=False)
     face_boxes: list | None = field(default=None, repr=False)   # per image: (k, 4) boxes in attention cells
+    # conductor mode: every concept's own mask per image (B, n, h, w) once refined (drawn ones too)
+    concept_masks: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def auto_concepts(self) -> list[int]:
@@ -104,6 +106,20 @@ class Plan:
         self.image_regions = per_image
         self.regions = per_image[0]
 
+    def set_concept_masks(self, masks: torch.Tensor) -> None:
+        """masks: (B, n, h, w) every concept's own mask per image (coverages, before the
+        front-to-back compositing); the automatic concepts' found masks follow them."""
+        if masks.dim() != 4 or masks.shape[1] != len(self.concepts):
+            raise PlanError("concept masks", f"shape {tuple(masks.shape)} is not (images, {len(self.concepts)}, h, w)")
+        self.concept_masks = masks
+        self.image_regions = [RegionWeights(list(masks[b]), self.image_size, back_to_front=self.back_to_front(),
+                                            feather_px=self.options.feather) for b in range(masks.shape[0])]
+        self.regions = self.image_regions[0]
+        auto = self.auto_concepts
+        if auto:
+            size = tuple(self.found_masks.shape[-2:]) if self.found_masks is not None else tuple(masks.shape[-2:])
+            self.found_masks = torch.nn.functional.interpolate(masks[:, auto].float(), size=size, mode="nearest")
+
     def weights_for(self, x: torch.Tensor, images: list[int]) -> torch.Tensor:
         """Blend weights (n + 1, rows or 1, 1, h, w) for the rows of x, row r being of image images[r]."""
         if self.image_regions is None:
@@ -115,7 +131,7 @@ class Plan:
     def at_size(self, image_size: tuple[int, int]) -> "Plan":
         """This plan at another image size, for a single pass that blends every concept from the
         first step (the hires fix's second pass): the same concepts and regions, automatic ones
-        as found for each image, feather scaled, no layout replay or refinement."""
+        as found for each image (refined ones as refined), feather scaled, no layout replay or refinement."""
         hw = (int(image_size[0]), int(image_size[1]))
         scale = hw[0] / self.image_size[0]
         options = replace(self.options, start_at=0.0, layout_replay=False, refine_every=0, reinit=False, enhance=False,
@@ -123,7 +139,9 @@ class Plan:
         masks = [c.mask if c.mask is not None else torch.ones(hw) for c in self.concepts]
         plan = Plan(list(self.concepts), hw, options,
                     regions=RegionWeights(masks, hw, back_to_front=self.back_to_front(), feather_px=options.feather))
-        if self.found_masks is not None:
+        if self.concept_masks is not None:
+            plan.set_concept_masks(self.concept_masks)   # refined (conductor): every concept's, per image
+        elif self.found_masks is not None:
             plan.resolve_auto(self.found_masks)
         return plan
 

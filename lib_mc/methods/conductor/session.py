@@ -24,7 +24,9 @@ from ..calls import CallImages
 from .call import ConductorCall
 from .align import AlignCall, LayoutAlignment, layout_alignment, record_cross
 from .inject import inject, make_injection_forward
-from .layers import decoder_attention
+from .layers import decoder_attention, refinement_layer
+from .refine import (apply, at_grid, cluster_counts, head_mean_probabilities, own_masks, refine_image,
+                     refinement_steps, segments)
 
 
 class ConductorSession(SessionBase):
@@ -36,6 +38,8 @@ class ConductorSession(SessionBase):
         self._decoder = decoder_attention(self.unet)
         self._watchers: dict = {}   # attention module -> fn(q, k, heads, call): refinement and alignment captures
         self._alignment: LayoutAlignment | None = None   # the batch's layout alignment (a reference picture)
+        self._refine_layer = refinement_layer(self.unet)   # (name, attn1): the layer mask refinement reads
+        self._refined_steps: set[tuple[int, int]] = set()   # (step, image) refined
 
     def _lora_forward(self, original, by_concept, module=None):
         return make_lora_forward(original, by_concept, self.run)
@@ -98,7 +102,8 @@ class ConductorSession(SessionBase):
         plain = self._plain_until_start(model_fn, x, sigma, cond, images, step, total_steps)
         if plain is not None:
             return plain
-        return self._conduct(model_fn, x, sigma, cond, images)
+        with self._refining(step, total_steps, images):
+            return self._conduct(model_fn, x, sigma, cond, images)
 
     def _conduct(self, model_fn, x, sigma, cond, images: CallImages) -> torch.Tensor:
         """Base and concept rows in one call, or, above the host's row cap, concept calls first
@@ -119,3 +124,73 @@ class ConductorSession(SessionBase):
             if base is not None:
                 out = result[base.rows]
         return out
+
+    # ---- mask refinement (Concept Conductor) --------------------------------------------
+
+    def _refine_due(self, step: int, total_steps: int, images: CallImages) -> list[int]:
+        """The images of this call's cond rows to refine now: at a refinement step
+        (options.mask_refine_*), each image once per step (hosts may split cond and uncond, or
+        images, into several calls of one step)."""
+        o = self.plan.options
+        if self._refined_steps and step < max(s for s, _ in self._refined_steps):
+            self._refined_steps.clear()   # a new pass of the same session
+        if not o.mask_refine or not images.cond:
+            return []
+        if step not in refinement_steps(total_steps, o.mask_refine_from, o.mask_refine_until, o.mask_refine_every):
+            return []
+        return [b for b in dict.fromkeys(images.cond) if (step, b) not in self._refined_steps]
+
+    @contextlib.contextmanager
+    def _refining(self, step: int, total_steps: int, images: CallImages):
+        """Around one host call: at a refinement step the refinement layer's probabilities are
+        segmented for the base and concept cond rows (in whichever engine call of the host call
+        they come: the row cap splits them) and the masks refined after the host call, so they
+        act from the next call on."""
+        due = self._refine_due(step, total_steps, images)
+        if not due:
+            yield
+            return
+        self._refined_steps.update((step, b) for b in due)
+        found: dict[tuple[int, int], torch.Tensor] = {}   # (concept index, -1 for base; image) -> segments
+        module = self._refine_layer[1]
+        self._watchers[module] = lambda q, k, heads, call: self._segment_rows(q, k, heads, call, found, due)
+        try:
+            yield
+        finally:
+            self._watchers.pop(module, None)
+        self._refine_step(step, found, due)
+
+    def _segment_rows(self, q, k, heads: int, call: ConductorCall, found: dict, due: list[int]) -> None:
+        """The refinement layer's q, k (every row of the call): k-means segments of the
+        head-averaged probabilities of each base and concept cond row of a due image."""
+        grid = self.plan.regions.grid_for_tokens(q.shape[1])
+        ks = cluster_counts(len(self.plan.concepts), self.plan.options.mask_refine_k)
+        base = call.rows.find("base")
+        groups = ([(-1, base)] if base is not None else []) + [(g.index, g) for g in call.rows.concepts()]
+        for index, group in groups:
+            for j in range(group.n_cond):   # cond rows are image call.images[j], as the base rows'
+                if call.images[j] in due:
+                    row = group.start + j
+                    found[(index, call.images[j])] = segments(head_mean_probabilities(q[row], k[row], heads), grid, ks)
+
+    def _refine_step(self, step: int, found: dict, due: list[int]) -> None:
+        """Every concept's mask of the due images refined from the segments, into the plan (its
+        per-image regions, the automatic concepts' found masks, a save_layout step)."""
+        plan = self.plan
+        concepts = range(len(plan.concepts))
+        done = [b for b in due if all((i, b) in found for i in (-1, *concepts))]
+        if not done:
+            return
+        latent = plan.regions.latent_hw
+        grid = tuple(found[(-1, done[0])].shape[-2:])
+        count = max(*done, len(plan.concept_masks) - 1 if plan.concept_masks is not None else 0) + 1
+        masks = torch.stack([own_masks(plan, b, latent) for b in range(count)])
+        for b in done:
+            new, overlap = refine_image(found[(-1, b)], [found[(i, b)] for i in concepts], at_grid(masks[b], grid))
+            masks[b] = apply(masks[b], new, overlap)
+        auto = plan.auto_concepts
+        if any(plan.concepts[i].auto_box is not None for i in auto):   # searched in a box: never leaves it
+            masks[:, auto] = self._clip_to_boxes(masks[:, auto].clone())
+        plan.set_concept_masks(masks)
+        if auto:
+            plan.mask_steps.append((f"refined at step {step + 1}", plan.found_masks))

@@ -10,7 +10,8 @@ context), or SDXL's (sgm: 3 levels, 0/2/10 transformer blocks, `vector` conditio
 label_emb, SDXL's conditioning and CFG host) with --sdxl: 1024 px, 320 channels (2.6 B
 parameters, built on the device, fp16 weights on CUDA), 2048-wide context, unless --size,
 --channels, --context-dim say otherwise (`--sdxl --size 128 --channels 32 --context-dim 64` runs
-on a CPU). On CUDA the sampler runs under fp16 autocast, as A1111 does.
+on a CPU). On CUDA both keep fp16 weights and sample under fp16 autocast, as A1111 does (earlier
+SD1.5 figures had fp32 weights, whose fp16 copy under autocast counted in every peak).
 
 For plain and, per mode, for 1, 2 and 4 concepts (same UNet, steps, seed, Euler a, every
 concept with its own kohya LoRA on the attention, feed-forward and proj_in/proj_out layers) it

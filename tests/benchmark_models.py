@@ -69,7 +69,8 @@ def _random_context(seed: int, dim: int, device) -> torch.Tensor:
 
 def build_sd15(channels: int, context_dim: int, device: torch.device, host_attention: str = "sdp") -> Model:
     """SD1.5's UNet layout (sd-v1 config: 4 levels, 2 res blocks, 8 heads); width from `channels`.
-    fp32 weights; on CUDA the sampler runs under fp16 autocast."""
+    fp16 weights on CUDA, as A1111 keeps them (the sampler runs under fp16 autocast; fp32
+    weights would add autocast's fp16 copy of them to every run's peak)."""
     from ldm.modules.attention import CrossAttention
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
     if host_attention == "sdp":
@@ -81,7 +82,9 @@ def build_sd15(channels: int, context_dim: int, device: torch.device, host_atten
                      use_checkpoint=False, legacy=False)
     _refill_zero_layers(unet)
     unet = unet.eval().to(device)
-    ldm = TinyLDM(unet).to(device)
+    if device.type == "cuda":
+        unet = unet.half()
+    ldm = TinyLDM(unet).to(device)   # its alphas_cumprod buffer stays fp32
     cond = lambda seed: _random_context(seed, context_dim, device)  # noqa: E731
 
     def call(rows: int, latent_hw: tuple[int, int]) -> torch.Tensor:

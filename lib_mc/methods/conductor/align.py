@@ -1,5 +1,5 @@
-"""Layout alignment to a reference picture (Concept Conductor), the parts that do not depend on
-the session.
+"""Layout alignment to a reference picture (Concept Conductor): the pure parts (inversion, loss,
+step size) and `LayoutAlignment`, which runs them inside a conductor session's host calls.
 
 - Inversion: the reference's latent is taken up the sampler's own noise levels with DDIM under
   the main prompt (cond rows, no CFG): from the clean latent to the lowest level with the noise

@@ -22,8 +22,10 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 
 from ...errors import EngineError
+from ...patcher import PatchSet
 from ...plan import _fraction_to_step
 from ...rows import RowPlan
 from ..branches import branch_parts, row_plan, stacked_conds
@@ -144,6 +146,7 @@ class LayoutAlignment:
                               f"generation's latent {plan.regions.latent_hw} (image {plan.image_size})")
         self.session, self.host, self.schedule = session, host, host.schedule
         self.name, self.module = alignment_layer(session.unet)
+        self.checkpointed = checkpointed_blocks(session.unet, self.module)
         self.until = plan.options.align_until
         self.step_size = step_size(plan.options.align_step, is_sdxl_like(session.unet))
         self.keep = kept_levels(self.schedule, self.until) if self.until > 0 else set()
@@ -257,9 +260,7 @@ class LayoutAlignment:
                     conds = {k: v.clone() for k, v in stacked_conds(plan, session.context_key, part.conds,
                                                                     pad_like).items()}
                     call = AlignCall(row_plan([part]), plan=plan, images=list(images.cond), stop=True)
-                    keys = self._keys(model_fn, latent, levels, conds, call)
-                    (part_grad,) = torch.autograd.grad(key_loss(keys, reference) * weight, latent)
-                    grad += part_grad
+                    grad += self._key_gradient(model_fn, latent, levels, conds, call, reference, weight)
                     session.stats.align_rows += n
         except Exception as exc:
             error = out_of_memory_error(exc)
@@ -277,15 +278,47 @@ class LayoutAlignment:
         if self.host.latent_moved is not None:
             self.host.latent_moved(moved)
 
-    def _keys(self, model_fn, latent, levels, conds, call: AlignCall) -> torch.Tensor:
+    def _key_gradient(self, model_fn, latent, levels, conds, call: AlignCall, reference, weight: float) -> torch.Tensor:
+        """The gradient of one branch's weighted key loss with respect to the latent. The call
+        stays in flight through the backward: the checkpointed blocks run their forward again
+        there, and each row's LoRA must act as it did."""
         run = self.session.run
         run.call = call
         try:
-            model_fn(latent, levels, conds)
-        except KeysCaptured:
-            pass
+            with self.checkpointed:
+                try:
+                    model_fn(latent, levels, conds)
+                except KeysCaptured:
+                    pass
+                if call.keys is None:
+                    raise EngineError(f"layout alignment: the UNet call never reached the alignment layer {self.name}")
+                (grad,) = torch.autograd.grad(key_loss(call.keys, reference) * weight, latent)
         finally:
             run.call = None
-        if call.keys is None:
-            raise EngineError(f"layout alignment: the UNet call never reached the alignment layer {self.name}")
-        return call.keys
+        return grad
+
+
+def checkpointed_blocks(unet, layer) -> PatchSet:
+    """Activation checkpointing on every transformer block and residual block of the UNet but
+    the one holding the alignment layer (whose forward stops there): a block keeps only its
+    inputs for the backward and runs again inside it, so the gradient pass holds about one
+    block's activations instead of the whole encoder's (SDXL: ~5 GB at 1024 px without it)."""
+    patches = PatchSet()
+    for module in unet.modules():
+        transformer = hasattr(module, "attn1") and hasattr(module, "ff")
+        residual = hasattr(module, "in_layers") and hasattr(module, "out_layers")
+        if (transformer or residual) and not any(m is layer for m in module.modules()):
+            patches.add(module, "forward", _checkpointed)
+    return patches
+
+
+def _checkpointed(original):
+    def forward(*args, **kwargs):
+        # Forge writes the block index into transformer_options before each block: the rerun in
+        # the backward must see this block's, so dicts are copied now
+        args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+        kwargs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in kwargs.items()}
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
+    return forward

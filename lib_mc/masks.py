@@ -128,10 +128,17 @@ class RegionWeights:
             self._by_grid[hw] = F.adaptive_avg_pool2d(self.latent[None], hw)[0]
         return self._by_grid[hw]
 
-    def grid_for_tokens(self, n_tokens: int) -> tuple[int, int]:
+    def find_grid(self, n_tokens: int) -> tuple[int, int] | None:
+        """The UNet grid that flattens to n_tokens tokens, None if there is none."""
         for hw in self.grids:
             if hw[0] * hw[1] == n_tokens:
                 return hw
+        return None
+
+    def grid_for_tokens(self, n_tokens: int) -> tuple[int, int]:
+        hw = self.find_grid(n_tokens)
+        if hw is not None:
+            return hw
         raise KeyError(f"no attention grid of {n_tokens} tokens for latent {self.latent_hw}; "
                        f"known grids: {self.grids}")
 

@@ -21,10 +21,7 @@ class ConductorCall(CallState):
     captures: dict = field(default_factory=dict)        # what refinement or alignment asked this call to keep
 
     def grid_of(self, n_tokens: int) -> tuple[int, int] | None:
-        for hw in self.plan.regions.grids:
-            if hw[0] * hw[1] == n_tokens:
-                return hw
-        return None
+        return self.plan.regions.find_grid(n_tokens)
 
     def base_weights(self, n_tokens: int, like: torch.Tensor) -> torch.Tensor | None:
         """(n + 1, base rows, n_tokens, 1): background then each concept, front-to-back

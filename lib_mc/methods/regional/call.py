@@ -66,10 +66,7 @@ class RegionalCall:
         return self._weights[key]
 
     def grid_of(self, n_tokens: int) -> tuple[int, int] | None:
-        for hw in self.plan.regions.grids:
-            if hw[0] * hw[1] == n_tokens:
-                return hw
-        return None
+        return self.plan.regions.find_grid(n_tokens)
 
     def token_weights(self, n_tokens: int, like: torch.Tensor) -> torch.Tensor | None:
         """(n + 1, rows, n_tokens) for a flattened attention grid, None if no grid has that many

@@ -8,6 +8,11 @@ Three modes: "blend" (a layout pass, then the concepts blended in), "regional" (
 in its region inside one sampling pass) and "conductor" (each concept's branch beside the base
 branch, its decoder attention outputs injected into the base rows in its region). An option only one mode uses (MODE_OF_OPTION) is
 ignored by the other mode, left out of its infotext, and named as that mode's in errors.
+
+Image concepts (PnP-MIX): a concept may carry a reference picture of its subject
+(`"reference": {"png": ...}`, optionally `"reference_mask"`); the job may carry a kept background
+(`"background": {"png": ...}`). Pictures are checked here as far as their header (base64, an image,
+its size); the host encodes them in prepare. Image concepts work in blend and conductor mode only.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ MODE_OF_OPTION = {"layout_replay": "blend", "self_attn_replay_until": "blend",
                   "mask_refine": "conductor", "mask_refine_from": "conductor", "mask_refine_until": "conductor",
                   "mask_refine_every": "conductor", "mask_refine_k": "conductor", "reference": "conductor",
                   "align_until": "conductor", "align_step": "conductor"}
+# options of image concepts and the kept background: read by blend and conductor mode
+IMAGE_OPTIONS = ("background", "keep_background", "appearance_alpha", "dilution_beta", "dilution_expand")
+IMAGE_MODES = ("blend", "conductor")
+MAX_PICTURE_SIDE = 8192   # px, as masks
 DEFAULT_START = 0.3   # blend; regional and conductor when a region is automatic (found at start_at)
 MAX_REFINE_K = 32     # conductor: k-means segments at most (the paper's k is at most 2 x 8 concepts + 1)
 MAX_CONCEPTS = 8
@@ -69,6 +78,8 @@ class ConceptSpec:
                                     # become these in its branch when it has no prompt of its own
     region: Region = field(default_factory=lambda: Region("rect"))
     z: float | None = None
+    reference: str = ""             # an image concept: base64 PNG of its subject; "" = none
+    reference_mask: str = ""        # ... white = the subject in it; "" = found in the reference
 
 
 @dataclass
@@ -95,6 +106,11 @@ class Job:
     reference: str = ""               # conductor: base64 PNG of a picture whose layout is kept; "" = none
     align_until: float = 0.3          # ... alignment to it during this fraction of the steps
     align_step: float = 0.0           # ... its gradient step size; 0: the paper's (10 SD1.5, 40 SDXL)
+    background: str = ""              # base64 PNG kept outside the concepts' regions (txt2img); "" = none
+    keep_background: bool = True      # outside the regions the image comes from the background, when there is one
+    appearance_alpha: float = 0.15    # image concepts: V = V_concept + alpha * (V_concept - V_reference)
+    dilution_beta: float = 0.8        # ... reference latent outside the subject's grown box: beta x the background's
+    dilution_expand: float = 0.1      # ... the box grown by this fraction of the image side on each side
     concepts: list[ConceptSpec] = field(default_factory=list)
 
     def start_fraction(self, has_auto: bool) -> float:
@@ -119,6 +135,9 @@ class Job:
             "mask_refine_from": self.mask_refine_from, "mask_refine_until": self.mask_refine_until,
             "mask_refine_every": self.mask_refine_every, "mask_refine_k": self.mask_refine_k,
             "reference": self.reference, "align_until": self.align_until, "align_step": self.align_step,
+            "background": {"png": self.background} if self.background else None,
+            "keep_background": self.keep_background, "appearance_alpha": self.appearance_alpha,
+            "dilution_beta": self.dilution_beta, "dilution_expand": self.dilution_expand,
             "concepts": [_concept_dict(c) for c in self.concepts],
         }
 
@@ -136,6 +155,10 @@ def _concept_dict(c: ConceptSpec) -> dict:
            "token": c.token, "region": region}
     if c.z is not None:
         out["z"] = c.z
+    if c.reference:
+        out["reference"] = {"png": c.reference}
+    if c.reference_mask:
+        out["reference_mask"] = {"png": c.reference_mask}
     return out
 
 
@@ -180,6 +203,49 @@ def _picture(data: Mapping, key: str, path: str) -> str:
     if len(value) > MAX_MASK_PNG_BYTES * 4 // 3 + 64:
         raise JobError(path + key, f"is larger than {MAX_MASK_PNG_BYTES // 2 ** 20} MB")
     return value
+
+
+def _image(data: Mapping, key: str, path: str) -> str:
+    """A picture as `{"png": "<base64>"}` (or the base64 / data URL itself); "" (or null) for none.
+    Its header is read: not base64, not a picture or too large a picture is named here."""
+    value = data.get(key)
+    if isinstance(value, Mapping):
+        value = value.get("png", "")
+        where = path + key + ".png"
+    else:
+        where = path + key
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise JobError(where, 'must be {"png": "<base64 PNG>"} (or null for none), got '
+                              f"{type(value).__name__}")
+    value = value.strip()
+    if not value:
+        return ""
+    if len(value) > MAX_MASK_PNG_BYTES * 4 // 3 + 64:
+        raise JobError(where, f"is larger than {MAX_MASK_PNG_BYTES // 2 ** 20} MB")
+    _check_header(value, where)
+    return value
+
+
+def _check_header(png: str, where: str) -> None:
+    """Base64 of a picture no larger than MAX_PICTURE_SIDE a side (only its header is decoded)."""
+    import base64
+    import binascii
+    import io
+    from PIL import Image, UnidentifiedImageError
+    data = "".join((png.split(",", 1)[-1] if png.startswith("data:") else png).split())   # wrapped lines too
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise JobError(where, "is not base64 (send the picture's bytes base64-encoded, or a data URL)") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            size = image.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError):
+        raise JobError(where, "is not a picture PIL can read (PNG, JPEG or WebP)") from None
+    if max(size) > MAX_PICTURE_SIDE:
+        raise JobError(where, f"is {size[0]}x{size[1]}; pictures may be at most {MAX_PICTURE_SIDE} pixels a side")
 
 
 def _option(data: Mapping, key: str, read, *args):
@@ -262,6 +328,10 @@ def _concept(data: Any, i: int) -> ConceptSpec:
     path = f"concepts[{i}]."
     if not isinstance(data, Mapping):
         raise JobError(path.rstrip("."), "must be an object")
+    reference, reference_mask = _image(data, "reference", path), _image(data, "reference_mask", path)
+    if reference_mask and not reference:
+        raise JobError(path + "reference_mask", "is given without a reference picture (concepts[].reference): "
+                                                "the mask marks the subject in that picture")
     return ConceptSpec(
         name=_str(data, "name", "", path).strip() or f"concept {i + 1}",
         loras=_loras(data.get("loras"), path + "loras."),
@@ -271,6 +341,8 @@ def _concept(data: Any, i: int) -> ConceptSpec:
         token=" ".join(_str(data, "token", "", path).split()),
         region=_region(data.get("region"), path + "region."),
         z=_num(data, "z", None, path),
+        reference=reference,
+        reference_mask=reference_mask,
     )
 
 
@@ -319,6 +391,11 @@ def parse_job(raw: Any) -> Job:
         reference=_option(raw, "reference", _picture, ""),
         align_until=_option(raw, "align_until", _num, 0.3, "", 0.0, 1.0),
         align_step=_option(raw, "align_step", _num, 0.0, "", 0.0),
+        background=_image(raw, "background", ""),
+        keep_background=_bool(raw, "keep_background", True, ""),
+        appearance_alpha=_num(raw, "appearance_alpha", 0.15, "", 0.0, 2.0),
+        dilution_beta=_num(raw, "dilution_beta", 0.8, "", 0.0, 1.0),
+        dilution_expand=_num(raw, "dilution_expand", 0.1, "", 0.0, 1.0),
         concepts=[_concept(c, i) for i, c in enumerate(concepts)],
     )
     if job.enabled and not job.concepts:
@@ -327,7 +404,19 @@ def parse_job(raw: Any) -> Job:
         raise JobError("mask_refine_until", f"must be >= mask_refine_from ({job.mask_refine_from:g}), got "
                                             f"{job.mask_refine_until:g} (a conductor-mode option)")
     check_start(job)
+    check_image_concepts(job)
     return job
+
+
+def check_image_concepts(job: Job) -> None:
+    """Image concepts take their appearance in the concept's own rows (blend, conductor); regional
+    mode has none."""
+    if job.mode in IMAGE_MODES:
+        return
+    for i, concept in enumerate(job.concepts):
+        if concept.reference:
+            raise JobError(f"concepts[{i}].reference", f"image concepts need blend or conductor mode, not {job.mode} "
+                                                       "(set mode to blend or conductor, or remove the reference picture)")
 
 
 def check_start(job: Job) -> None:

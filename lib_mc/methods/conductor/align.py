@@ -1,11 +1,11 @@
 """Layout alignment to a reference picture (Concept Conductor): the pure parts (inversion, loss,
 step size) and `LayoutAlignment`, which runs them inside a conductor session's host calls.
 
-- Inversion: the reference's latent is taken up the sampler's own noise levels with DDIM under
-  the main prompt (cond rows, no CFG): from the clean latent to the lowest level with the noise
-  predicted there, then at every level the UNet is evaluated on the inverted latent, its noise
-  moves it to the next level, and the alignment layer's self-attention keys of that evaluation
-  are kept: the reference's keys at exactly the levels the sampler visits (steps + 1
+- Inversion (images/inversion.py, shared with image concepts): the reference's latent is taken
+  up the sampler's own noise levels with DDIM under the main prompt (cond rows, no CFG): from
+  the clean latent to the lowest level with the noise predicted there, then at every level the
+  UNet is evaluated on the inverted latent, its noise moves it to the next level, and the
+  alignment layer's self-attention keys of that evaluation are kept: the reference's keys at exactly the levels the sampler visits (steps + 1
   evaluations).
 - Alignment: during the first `align_until` of the steps, before the host's call, the latent is
   moved by gradient descent on the keys' MSE to the reference's at the nearest inverted level,
@@ -30,6 +30,7 @@ from ...plan import _fraction_to_step
 from ...rows import RowPlan
 from ..branches import branch_parts, row_plan, stacked_conds
 from ..calls import CallImages
+from ..images.inversion import invert_levels
 from ..schedule import SamplerSchedule
 from .call import ConductorCall
 from .layers import alignment_layer, is_sdxl_like
@@ -76,23 +77,18 @@ def kept_levels(schedule: SamplerSchedule, until: float) -> set[float]:
 
 
 def invert(evaluate, reference: Reference, to_x0, keep: set[float]) -> None:
-    """evaluate(x, level, capture) -> the denoiser's output on the cond rows at that level (the
-    keys are taken when capture); to_x0(x, out, level) -> x0. Fills reference.keys for `keep`."""
-    schedule = reference.schedule
-    levels = schedule.ascending()
+    """evaluate(x, level, capture) -> (the denoiser's output on the cond rows at that level, the
+    keys when capture); to_x0(x, out, level) -> x0. Fills reference.keys for `keep` (the
+    inversion itself is the shared one, images/inversion.py)."""
     rows = len(reference.images)
-    x0 = reference.latent.expand(rows, -1, -1, -1)
-    # from the clean latent to the lowest level: the noise the model sees in the reference there
-    out, _ = evaluate(x0, levels[0], False)
-    x = schedule.at(x0, schedule.eps(x0, to_x0(x0, out, levels[0]), levels[0]), levels[0])
-    for i, level in enumerate(levels):
-        out, keys = evaluate(x, level, level in keep)
+
+    def on_levels(x, level, on_path):
+        out, keys = evaluate(x, level, on_path and level in keep)
         if keys is not None:
             reference.keys[level] = keys
-        if i + 1 < len(levels):
-            pred = to_x0(x, out, level)
-            x = schedule.at(pred, schedule.eps(x, pred, level), levels[i + 1])
-    reference.top = x
+        return out
+    inverted = invert_levels(on_levels, reference.latent.expand(rows, -1, -1, -1), reference.schedule, to_x0)
+    reference.top = inverted[max(inverted)]
 
 
 def key_loss(keys: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -409,10 +409,13 @@ def parse_job(raw: Any) -> Job:
 
 
 def check_image_concepts(job: Job) -> None:
-    """Image concepts take their appearance in the concept's own rows (blend, conductor); regional
-    mode has none."""
+    """Image concepts take their appearance in the concept's own rows and the kept background is
+    mixed in under the masks (blend, conductor); regional mode has neither."""
     if job.mode in IMAGE_MODES:
         return
+    if job.background:
+        raise JobError("background", f"a kept background needs blend or conductor mode, not {job.mode} "
+                                     "(set mode to blend or conductor, or remove the background picture)")
     for i, concept in enumerate(job.concepts):
         if concept.reference:
             raise JobError(f"concepts[{i}].reference", f"image concepts need blend or conductor mode, not {job.mode} "

@@ -8,6 +8,7 @@ problem, before anything in the model is touched.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Callable, Protocol
 import torch
 
 from .errors import LoraMismatchError, PlanError
-from .job import Job, JobError
+from .job import IMAGE_MODES, Job, JobError
 from .lora.bind import LoraUse
 from .lora.network import Network, load_network
 from .conds import pad_context
@@ -64,6 +65,9 @@ class HostServices(Protocol):
     def encode(self, prompt: str, loras: list[tuple[LoraFile, float]]) -> Conditioning: ...
     def parse_tags(self, prompt: str) -> tuple[str, list[tuple[str, float]]]: ...
     def word_positions(self, prompt: str, word: str) -> list[list[int]]: ...   # context positions per occurrence
+    # image concepts and a kept background: a picture (base64) -> its VAE latent (1, 4, h, w) at the
+    # generation's latent size, cropped to cover image_hw (H, W) as the conductor reference is
+    def encode_picture(self, png: str, image_hw: tuple[int, int]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -82,10 +86,13 @@ def _unknown_lora(name: str, where: str, services: HostServices) -> JobError:
 
 def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[int, int], unet,
             services: HostServices, networks_cache: dict[str, Network] | None = None,
-            warn: Callable[[str], None] = print, base_prompts: list[str] | None = None) -> Prepared:
+            warn: Callable[[str], None] = print, base_prompts: list[str] | None = None,
+            pictures_cache: dict | None = None) -> Prepared:
     """Resolve LoRAs, encode concept prompts, build masks and the Plan. Raises JobError/PlanError.
     base_prompts: the main prompt of every image of the batch when they differ (wildcards,
-    Dynamic Prompts, Prompt Matrix); base_prompt is image 0's."""
+    Dynamic Prompts, Prompt Matrix); base_prompt is image 0's. pictures_cache: the job's encoded
+    pictures (reference pictures, the background) by content and size, kept by the host across
+    the batches of a job so each picture is encoded once."""
     from .lora.bind import bind_loras
     prepared_concepts, warnings, skipped = [], [], []
     prompts = list(base_prompts) if base_prompts and len(set(base_prompts)) > 1 else [base_prompt]
@@ -94,6 +101,7 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
     cache = networks_cache if networks_cache is not None else {}
     if job.mode == "conductor" and job.reference:
         _check_reference(job.reference)
+    pictures = _Pictures(services, image_hw, pictures_cache if pictures_cache is not None else {})
     for i, spec in enumerate(job.concepts):
         where = f"concepts[{i}]"
         texts = _branch_prompts(job, i, prompts, warnings)   # the main prompt(s), or the concept's variants
@@ -137,25 +145,74 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
             dict(mask=region_mask(spec.region, image_hw, f"{where}.region"))
         own_tokens = _own_class_tokens(spec, prompt, services, warnings) if job.mode == "regional" and job.enhance \
             else None
+        image = dict(reference=pictures.latent(spec.reference, f"{where}.reference"),
+                     reference_mask=_reference_mask(spec.reference_mask, image_hw, f"{where}.reference_mask")) \
+            if spec.reference else {}
         prepared_concepts.append(dict(name=spec.name, cond=cond, uncond=uncond, loras=uses, z=spec.z,
-                                      class_tokens=class_tokens.get(i), own_class_tokens=own_tokens, **region))
+                                      class_tokens=class_tokens.get(i), own_class_tokens=own_tokens, **region,
+                                      **image))
+    # txt2img's kept background (img2img: the host sets the init image's latent)
+    background = pictures.latent(job.background, "background") if job.background and job.mode in IMAGE_MODES \
+        else None
     for message in warnings:
         warn(f"[Multi-Concept] {message}")
     try:
-        plan = build_plan(prepared_concepts, image_hw, start_at=job.start_fraction(bool(auto_tokens)),
+        plan = build_plan(prepared_concepts, image_hw, background=background, start_at=job.start_fraction(bool(auto_tokens)),
                           layout_replay=job.layout_replay, self_attn_replay_until=job.self_attn_replay_until,
                           feather=job.feather, refine_every=REFINE_EVERY if job.refine_regions else 0,
                           auto_grow=job.auto_grow, isolation=job.isolation, isolation_until=job.isolation_until,
                           reinit=job.reinit, enhance=job.enhance, mask_refine=job.mask_refine,
                           mask_refine_from=job.mask_refine_from, mask_refine_until=job.mask_refine_until,
                           mask_refine_every=job.mask_refine_every, mask_refine_k=job.mask_refine_k,
-                          align_until=job.align_until, align_step=job.align_step)
+                          align_until=job.align_until, align_step=job.align_step,
+                          appearance_alpha=job.appearance_alpha, dilution_beta=job.dilution_beta,
+                          dilution_expand=job.dilution_expand, keep_background=job.keep_background)
     except PlanError as exc:
         if isinstance(exc, JobError):
             raise
         # the plan's mask and box of a concept are the job's region
         raise JobError(re.sub(r"\.(mask|auto_box)$", ".region", exc.field), exc.problem) from exc
     return Prepared(plan, warnings, skipped)
+
+
+class _Pictures:
+    """Pictures encoded by the host's VAE, by content hash and generation size: the same picture
+    (two concepts, a concept and the background, every batch of a job) is encoded once."""
+
+    def __init__(self, services: HostServices, image_hw: tuple[int, int], cache: dict):
+        self.services, self.image_hw, self.cache = services, (int(image_hw[0]), int(image_hw[1])), cache
+
+    def latent(self, png: str, field: str) -> torch.Tensor:
+        key = (hashlib.sha256(png.encode("ascii", "replace")).hexdigest(), self.image_hw)
+        if key not in self.cache:
+            encode = getattr(self.services, "encode_picture", None)
+            if encode is None:
+                raise JobError(field, "image concepts and a kept background are not available on this host "
+                                      "(it has no picture encoder)")
+            from .regions import decode_png
+            decode_png(png, field)   # a picture that does not decode is named before the host reads it
+            self.cache[key] = encode(png, self.image_hw)
+        return self.cache[key]
+
+
+def _reference_mask(png: str, image_hw: tuple[int, int], field: str) -> torch.Tensor | None:
+    """The subject's mask in the reference picture -> (H, W) float in [0, 1] at the generation's
+    size, scaled to cover it and centre-cropped as the reference is (lib_mc/reference.py), so it
+    lies on the subject in the encoded reference. White (or painted, with alpha) = the subject."""
+    if not png:
+        return None
+    from .job import Region
+    from .regions import png_mask
+    mask = png_mask(Region("mask", png=png), field)
+    h, w = int(image_hw[0]), int(image_hw[1])
+    scale = max(w / mask.shape[1], h / mask.shape[0])
+    size = (max(h, round(mask.shape[0] * scale)), max(w, round(mask.shape[1] * scale)))
+    mask = torch.nn.functional.interpolate(mask[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    top, left = (size[0] - h) // 2, (size[1] - w) // 2
+    mask = mask[top:top + h, left:left + w].clamp(0, 1).contiguous()
+    if not bool((mask >= 0.5).any()):
+        raise JobError(field, "is empty: paint the subject white (the rest black or transparent)")
+    return mask
 
 
 def _branch_prompts(job: Job, i: int, prompts: list[str], warnings: list[str]) -> list[str]:

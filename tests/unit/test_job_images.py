@@ -89,7 +89,9 @@ def test_bad_concept_pictures_are_named(extra, field, problem):
         parse_job({"concepts": [concept(), concept(**extra)]})
 
 
-def test_regional_mode_refuses_an_image_concept_naming_it():
+def test_regional_mode_refuses_an_image_concept_and_a_background_naming_them():
     with pytest.raises(JobError, match=r"^concepts\[1\]\.reference: image concepts need blend or conductor mode"):
         parse_job({"mode": "regional", "concepts": [concept(), concept(reference={"png": png()})]})
-    parse_job({"mode": "regional", "concepts": [concept()]})   # without one it runs
+    with pytest.raises(JobError, match=r"^background: a kept background needs blend or conductor mode"):
+        parse_job({"mode": "regional", "background": {"png": png()}, "concepts": [concept()]})
+    parse_job({"mode": "regional", "concepts": [concept()]})   # without them it runs

@@ -3,7 +3,10 @@
 The value is the job schema itself, minus defaults, with masks shrunk to a small thresholded
 PNG (and a hash of the original), so PNG Info -> Send to txt2img restores the panel. A
 reference picture (conductor mode) travels as a small JPEG copy (REFERENCE_SIDE px) with a hash
-of the original: pasted back, its layout, not its detail, guides the next run.
+of the original: pasted back, its layout, not its detail, guides the next run. Image concepts' reference pictures
+(IMAGE_SIDE px JPEG), their masks (as region masks) and the kept background (REFERENCE_SIDE px)
+travel the same way, as `{"png": <small copy>, "sha": <hash of the original>}`: pasted back, the
+job runs with the small copies.
 """
 
 from __future__ import annotations
@@ -15,30 +18,41 @@ import io
 import json
 
 from .errors import MultiConceptError
-from .job import DEFAULT_START, MODE_OF_OPTION, Job, parse_job
+from .job import DEFAULT_START, IMAGE_MODES, IMAGE_OPTIONS, MODE_OF_OPTION, Job, parse_job
 from .prompt_variants import concept_variant
 from .regions import compact_mask, decode_png
 
 KEY = "Multi-Concept"
-_DEFAULTS = Job()
+_DEFAULTS = Job().to_dict()
 OPTIONS = ("mode", "start_at", "layout_replay", "self_attn_replay_until", "feather", "save_layout", "refine_regions",
            "auto_grow", "hires_loras", "isolation", "isolation_until", "reinit", "enhance", "mask_refine",
            "mask_refine_from", "mask_refine_until", "mask_refine_every", "mask_refine_k", "reference", "align_until",
-           "align_step")
+           "align_step") + IMAGE_OPTIONS
 REFERENCE_SIDE = 96   # px: a photo's copy is a few kB as JPEG (PNG would be ten times that)
+IMAGE_SIDE = 128      # px: an image concept's reference keeps more than a layout: its subject's look
 
 
 def job_to_infotext(job: Job) -> str:
     data = job.to_dict()
     for key in OPTIONS:
-        if data[key] == getattr(_DEFAULTS, key) or MODE_OF_OPTION.get(key, job.mode) != job.mode:
+        if data[key] == _DEFAULTS[key] or MODE_OF_OPTION.get(key, job.mode) != job.mode or (
+                key in IMAGE_OPTIONS and job.mode not in IMAGE_MODES):
             del data[key]   # a default, or an option the job's mode does not read
     if job.mode == "blend" and job.start_at == DEFAULT_START:
         del data["start_at"]   # what blend reads when it is left out (the same text as before modes)
     del data["enabled"]   # present in the infotext = it was on
     if "reference" in data:
         data["reference"], data["reference_sha"] = compact_picture(data["reference"], "reference")
+    if "background" in data:
+        small, sha = compact_picture(data["background"]["png"], "background")
+        data["background"] = {"png": small, "sha": sha}
     for i, concept in enumerate(data["concepts"]):
+        if "reference" in concept:
+            small, sha = compact_picture(concept["reference"]["png"], f"concepts[{i}].reference", IMAGE_SIDE)
+            concept["reference"] = {"png": small, "sha": sha}
+        if "reference_mask" in concept:
+            small, sha = compact_mask(concept["reference_mask"]["png"], f"concepts[{i}].reference_mask")
+            concept["reference_mask"] = {"png": small, "sha": sha}
         for key in ("prompt", "negative_prompt", "class_word", "token"):
             if not concept[key]:
                 del concept[key]

@@ -23,12 +23,15 @@ MAX_UI_CONCEPTS = 6
 TOP_FIELDS = ("enabled", "mode", "start_at", "layout_replay", "self_attn_replay_until", "feather",
               "save_layout", "refine_regions", "auto_grow", "hires_loras", "isolation", "isolation_until", "reinit",
               "enhance", "mask_refine", "mask_refine_from", "mask_refine_until", "mask_refine_every", "mask_refine_k",
-              "reference", "align_until", "align_step", "count", "canvas")
+              "reference", "align_until", "align_step", "background", "keep_background", "appearance_alpha",
+              "dilution_beta", "dilution_expand", "count", "canvas")
 JOB_OPTIONS = TOP_FIELDS[:TOP_FIELDS.index("count")]   # the controls that are the job's own top-level keys
 NUMBER_FIELDS = ("self_attn_replay_until", "feather", "auto_grow", "isolation_until", "mask_refine_from",
-                 "mask_refine_until", "mask_refine_every", "align_until", "align_step")
+                 "mask_refine_until", "mask_refine_every", "align_until", "align_step", "appearance_alpha",
+                 "dilution_beta", "dilution_expand")
 CONCEPT_FIELDS = ("name", "loras", "prompt", "negative_prompt", "class_word", "token", "region", "x", "y", "w", "h",
-                  "mask")
+                  "mask", "reference", "reference_mask")
+PICTURE_FIELDS = ("reference", "background")   # top-level uploads: pictures (None when empty)
 REFERENCE_MAX_SIDE = 1024   # px: the panel's reference picture is kept at most this large (it is resized
                             # to the image size when it is used; the job travels with every panel edit)
 DRAWN = "drawn"   # region control value: the region comes from the canvas
@@ -43,10 +46,11 @@ def default_values() -> list:
     job = Job()
     top = [False] + [getattr(job, key) for key in JOB_OPTIONS[1:]] + [2, ""]
     top[TOP_FIELDS.index("start_at")] = start_text(job.start_at)
-    top[TOP_FIELDS.index("reference")] = None   # the picture upload starts empty
+    for key in PICTURE_FIELDS:
+        top[TOP_FIELDS.index(key)] = None   # the picture uploads start empty
     rows = []
     for i in range(MAX_UI_CONCEPTS):
-        rows += [f"concept {i + 1}", "", "", "", "", "", DEFAULT_PRESETS[i], 0.0, 0.0, 1.0, 1.0, None]
+        rows += [f"concept {i + 1}", "", "", "", "", "", DEFAULT_PRESETS[i], 0.0, 0.0, 1.0, 1.0, None, None, None]
     return top + rows
 
 
@@ -120,7 +124,8 @@ def _image_to_png(image) -> str:
 
 
 def reference_png(image) -> str:
-    """The reference upload -> base64 PNG for the job ("" for none), at most REFERENCE_MAX_SIDE a side."""
+    """A picture upload (a reference, an image concept's picture or its mask, the background) ->
+    base64 PNG for the job ("" for none), at most REFERENCE_MAX_SIDE a side."""
     if image is None or isinstance(image, str):
         return (image or "").split(",", 1)[-1]
     if not hasattr(image, "save"):   # a numpy array
@@ -205,6 +210,9 @@ def compose(*values) -> str:
     if isinstance(top["mask_refine_k"], float) and top["mask_refine_k"].is_integer():
         top["mask_refine_k"] = int(top["mask_refine_k"])   # a number box sends 3.0
     top["reference"] = reference_png(top["reference"])
+    background = reference_png(top.pop("background"))
+    if background:
+        top["background"] = {"png": background}
     top["start_at"] = start_value(top["start_at"])
     if top["start_at"] is None:
         del top["start_at"]   # an empty box: the mode's default
@@ -224,6 +232,10 @@ def compose(*values) -> str:
         }
         if z:
             concept["z"] = z[i]
+        for key in ("reference", "reference_mask"):   # an image concept's picture and its subject's mask
+            picture = reference_png(row[key])
+            if picture:
+                concept[key] = {"png": picture}
         concepts.append(concept)
     return json.dumps({"version": 1, **top, "concepts": concepts})
 
@@ -312,6 +324,7 @@ def decompose(text: str) -> list | None:
     values = [getattr(job, key) for key in JOB_OPTIONS] + [len(shown), canvas_text(drawn, z)]
     values[TOP_FIELDS.index("start_at")] = start_text(job.start_at)
     values[TOP_FIELDS.index("reference")] = reference_image(job.reference)
+    values[TOP_FIELDS.index("background")] = reference_image(job.background)
     defaults = default_values()
     for i in range(MAX_UI_CONCEPTS):
         if i >= len(job.concepts):
@@ -323,5 +336,5 @@ def decompose(text: str) -> list | None:
         kind = {"rect": _preset_of(r), "mask": DRAWN,
                 "auto": DRAWN if r.found else (AUTO_BOX if r.boxed else "auto")}[r.type]
         values += [c.name, format_loras(c.loras), c.prompt, c.negative_prompt, c.class_word, c.token, kind,
-                   r.x, r.y, r.w, r.h, None]
+                   r.x, r.y, r.w, r.h, None, reference_image(c.reference), reference_image(c.reference_mask)]
     return values

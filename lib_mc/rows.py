@@ -2,7 +2,9 @@
 
 A call stacks groups: `layout` (stage 1's recorded input, cond only), `base` (current latent,
 base prompt, cond + uncond) and one group per concept (current latent, its prompt, cond +
-uncond). Hooks ask this object for slices; adding a branch kind is adding a group.
+uncond). An image concept adds a `reference` group (one cond row: its reference picture's
+inverted latent, its prompt) beside its concept rows, whose decoder self-attention reads it.
+Hooks ask this object for slices; adding a branch kind is adding a group.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RowGroup:
-    kind: str            # "layout" | "base" | "concept"
-    index: int           # concept index for "concept", else -1
+    kind: str            # "layout" | "base" | "concept" | "reference"
+    index: int           # concept index for "concept" and "reference", else -1
     start: int
     n_cond: int
     n_uncond: int

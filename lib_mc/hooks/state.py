@@ -15,9 +15,12 @@ class CallState:
     capture_self_tokens: int = 0             # keep the base rows' self-attention of the first decoder layer this size
     captured: dict = field(default_factory=dict)
     concept_rows: dict[int, slice] = field(default_factory=dict)
+    appearance_alpha: float = 0.0            # image concepts: V = V_concept + alpha * (V_concept - V_reference)
+    reference_rows: dict[int, int] = field(default_factory=dict)   # image concept -> its reference row
 
     def __post_init__(self):
         self.concept_rows = {g.index: g.rows for g in self.rows.concepts()}
+        self.reference_rows = {g.index: g.start for g in self.rows.groups if g.kind == "reference"}
         layout, base = self.rows.find("layout"), self.rows.find("base")
         self.replay_pair = None if layout is None or base is None else (layout.cond_rows, base.cond_rows)
         if self.replay_pair is None:

@@ -44,14 +44,21 @@ def branch_parts(plan: Plan, x, sigma, cond: Conditioning, images: CallImages, l
 
 def chunked(parts: list[Part], limit: int | None) -> list[list[Part]]:
     """Layout and base rows share the first call (replay reads across them); concepts fill up to
-    the cap (None: everything in one call)."""
+    the cap (None: everything in one call); an image concept's reference row stays in the call
+    of the concept rows after it (their self-attention reads it)."""
     head = 2 if parts[0].group.kind == "layout" else 1
     chunks = [parts[:head]]
-    for part in parts[head:]:
+    units, rest = [], parts[head:]
+    while rest:
+        take = 2 if rest[0].group.kind == "reference" and len(rest) > 1 else 1
+        units.append(rest[:take])
+        rest = rest[take:]
+    for unit in units:
         size = sum(p.group.size for p in chunks[-1])
-        if limit is not None and size + part.group.size > limit and size > 0:
+        grows = sum(p.group.size for p in unit)
+        if limit is not None and size + grows > limit and size > 0:
             chunks.append([])
-        chunks[-1].append(part)
+        chunks[-1].extend(unit)
     return chunks
 
 

@@ -33,6 +33,10 @@ from ...plan import Conditioning
 from ..base import HostPass, SessionBase
 from ..branches import branch_parts, chunked, row_plan, stacked_conds
 from ..calls import CallImages
+from ..images.attention import guided_kv, make_guided_forward
+from ..images.batch import image_batch
+from ..images.inversion import InversionCache
+from ..images.mixing import background_prediction, keep_outside
 
 
 @dataclass
@@ -50,35 +54,47 @@ class BlendSession(SessionBase):
         super().__init__(*args, **kwargs)
         self.records: dict[int, dict[tuple[bool, int], Recorded]] = {}   # evaluation -> (cond?, image) -> row
         self._refined_steps: set[int] = set()
+        self.inversions = InversionCache()   # image concepts' pictures, inverted once per job
+        self._images = None                  # the batch's image concepts (sample)
 
     def _lora_forward(self, original, by_concept, module=None):
         return make_lora_forward(original, by_concept, self.run)
 
     def _attention_forward(self, module, original):
-        return make_attention_forward(module, original, self.run)
+        forward = make_attention_forward(module, original, self.run)
+        if module in self.run.decoder_self_attention:   # image concepts: guided appearance attention
+            forward = make_guided_forward(module, forward, self.run)
+        return forward
 
     def _attend(self, q, k, v, heads, *, cross, decoder, host, module=None):
         if self.phase not in ("blend", "single"):
             return host(q, k, v)
+        if decoder and not cross:
+            k, v = guided_kv(k, v, self.run.call)
         return attend(q, k, v, heads, self.run.call, cross=cross, decoder=decoder, host=host)
 
     # ---- the batch ------------------------------------------------------------------------
 
     def sample(self, host: HostPass) -> torch.Tensor:
         """The layout pass, automatic regions from it, then the blended pass on the same noise."""
-        with self.stage1():
-            first = host.sample(host.initial)
-        if host.interrupted():
-            return first
-        host.layout_done(first)
-        again = host.replay_noise()
-        if self.recorder is not None:
-            if host.find_regions is not None:
-                host.find_regions(first)
-            else:
-                self.find_regions()
-        with self.stage2():
-            return host.sample(again)
+        self._host = host
+        self._images = image_batch(self, host)
+        try:
+            with self.stage1():
+                first = host.sample(host.initial)
+            if host.interrupted():
+                return first
+            host.layout_done(first)
+            again = host.replay_noise()
+            if self.recorder is not None:
+                if host.find_regions is not None:
+                    host.find_regions(first)
+                else:
+                    self.find_regions()
+            with self.stage2():
+                return host.sample(again)
+        finally:
+            self._images = None
 
     # ---- stages -------------------------------------------------------------------------
 
@@ -114,7 +130,7 @@ class BlendSession(SessionBase):
             if self.recorder is not None:
                 self.recorder.active = step >= self.plan.auto_from_step(total_steps)
                 self.recorder.images = images.cond
-            out = self._model(model_fn, x, sigma, cond)
+            out = self._kept(self._model(model_fn, x, sigma, cond), x, sigma, images)
             record = self.records.setdefault(step, {})
             for row, key in enumerate(images.keys()):
                 record[key] = Recorded(x[row].clone(), sigma[row].clone(), out[row].clone())
@@ -151,6 +167,8 @@ class BlendSession(SessionBase):
         self._check_size(x)
         layout = layout_x if self.plan.options.layout_replay else None
         parts = branch_parts(self.plan, x, sigma, cond, images, layout)
+        if self._images is not None:
+            parts = self._images.with_references(parts, model_fn, x, sigma, cond, images)
         outputs: dict[tuple[str, int], torch.Tensor] = {}
         replay_self = step < self.plan.self_replay_until_step(total_steps)
         refine = bool(images.cond) and self._refine_now(step, total_steps)
@@ -160,7 +178,8 @@ class BlendSession(SessionBase):
                                   [b for p in parts for b in p.conds])
             call = CallState(rows, replay_cross=self.plan.options.layout_replay,
                              replay_self_max_tokens=self._self_replay_tokens() if replay_self else 0,
-                             capture_self_tokens=self._self_replay_tokens() if refine else 0)
+                             capture_self_tokens=self._self_replay_tokens() if refine else 0,
+                             appearance_alpha=self.plan.options.appearance_alpha)
             out = self._model(model_fn, torch.cat([p.x for p in chunk]), torch.cat([p.sigma for p in chunk]),
                               conds, call)
             if "self" in call.captured:
@@ -169,10 +188,18 @@ class BlendSession(SessionBase):
             for group in rows.groups:
                 outputs[(group.kind, group.index)] = out[group.rows]
         weights = self.plan.weights_for(x, images.all)
-        blended = outputs[("base", -1)] * weights[0]
+        kept = background_prediction(self.plan, self._to_x0(), x, sigma, images.all)   # mask-guided mixing
+        blended = (outputs[("base", -1)] if kept is None else kept) * weights[0]
         for index in range(len(self.plan.concepts)):
             blended = blended + outputs[("concept", index)] * weights[index + 1]
         return blended
+
+    def _to_x0(self):
+        return self._host.to_x0 if self._host is not None else None
+
+    def _kept(self, out, x, sigma, images: CallImages):
+        """A plain call's prediction with the kept background outside every region."""
+        return keep_outside(self.plan, self._to_x0(), out, x, sigma, images.all)
 
     # ---- refinement ---------------------------------------------------------------------
 

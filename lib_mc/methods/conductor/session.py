@@ -21,6 +21,10 @@ from ...plan import Conditioning
 from ..base import HostPass, SessionBase
 from ..branches import branch_parts, chunked, row_plan, stacked_conds
 from ..calls import CallImages
+from ..images.attention import guided_kv, make_guided_forward
+from ..images.batch import image_batch
+from ..images.inversion import InversionCache
+from ..images.mixing import keep_outside
 from .call import ConductorCall
 from .align import AlignCall, LayoutAlignment, layout_alignment, record_cross
 from .inject import inject, make_injection_forward
@@ -40,6 +44,8 @@ class ConductorSession(SessionBase):
         self._alignment: LayoutAlignment | None = None   # the batch's layout alignment (a reference picture)
         self._refine_layer = refinement_layer(self.unet)   # (name, attn1): the layer mask refinement reads
         self._refined_steps: set[tuple[int, int]] = set()   # (step, image) refined
+        self.inversions = InversionCache()   # image concepts' pictures, inverted once per job
+        self._images = None                  # the batch's image concepts (sample)
 
     def _lora_forward(self, original, by_concept, module=None):
         return make_lora_forward(original, by_concept, self.run)
@@ -47,6 +53,8 @@ class ConductorSession(SessionBase):
     def _attention_forward(self, module, original):
         if module not in self._decoder:
             return original
+        if module in self.run.decoder_self_attention:   # image concepts: guided appearance attention first
+            original = make_guided_forward(module, original, self.run)
         return make_injection_forward(module, original, self.run, module, before=self._watch_inputs)
 
     def _watch_inputs(self, module, x, context, call: ConductorCall) -> None:
@@ -62,6 +70,8 @@ class ConductorSession(SessionBase):
             watcher(q, k, heads, self.run.call)
         if cross and isinstance(self.run.call, AlignCall):   # the reference's inversion: automatic regions
             record_cross(self.recorders, q, k, heads)
+        if decoder and not cross and self.run.call is not None:   # image concepts' rows
+            k, v = guided_kv(k, v, self.run.call)
         return host(q, k, v)
 
     def attention_output(self, out: torch.Tensor, *, layer, decoder: bool) -> torch.Tensor:
@@ -77,11 +87,12 @@ class ConductorSession(SessionBase):
         (align.py); without one nothing of it runs."""
         self._host = host
         self._alignment = layout_alignment(self, host)
+        self._images = image_batch(self, host)
         try:
             with self.single_pass():
                 return host.sample(host.initial)
         finally:
-            self._alignment = None
+            self._alignment = self._images = None
 
     @contextlib.contextmanager
     def single_pass(self):
@@ -99,23 +110,27 @@ class ConductorSession(SessionBase):
         self._check_size(x)
         if self._alignment is not None:   # inverts the reference first, then moves the latent early on
             x = self._alignment.before_call(model_fn, x, sigma, cond, images, step, total_steps)
-        plain = self._plain_until_start(model_fn, x, sigma, cond, images, step, total_steps)
-        if plain is not None:
-            return plain
-        with self._refining(step, total_steps, images):
-            return self._conduct(model_fn, x, sigma, cond, images)
+        out = self._plain_until_start(model_fn, x, sigma, cond, images, step, total_steps)
+        if out is None:
+            with self._refining(step, total_steps, images):
+                out = self._conduct(model_fn, x, sigma, cond, images)
+        # mask-guided mixing: the kept background's prediction outside every region
+        return keep_outside(self.plan, self._host.to_x0 if self._host is not None else None, out, x, sigma, images.all)
 
     def _conduct(self, model_fn, x, sigma, cond, images: CallImages) -> torch.Tensor:
         """Base and concept rows in one call, or, above the host's row cap, concept calls first
         (their decoder outputs kept) and the base rows' call last; -> the base rows' output."""
         parts = branch_parts(self.plan, x, sigma, cond, images)
+        if self._images is not None:
+            parts = self._images.with_references(parts, model_fn, x, sigma, cond, images)
         chunks = chunked(parts, self.plan.options.max_rows_per_call)
         chunks = chunks[1:] + chunks[:1]   # the base rows read every concept's outputs: last
         stored: dict = {}
         out = None
         for chunk in chunks:
             rows = row_plan(chunk)
-            call = ConductorCall(rows, plan=self.plan, images=images.all, stored=stored)
+            call = ConductorCall(rows, plan=self.plan, images=images.all, stored=stored,
+                                 appearance_alpha=self.plan.options.appearance_alpha)
             conds = stacked_conds(self.plan, self.context_key, [block for p in chunk for block in p.conds],
                                   [b for p in parts for b in p.conds])
             result = self._model(model_fn, torch.cat([p.x for p in chunk]), torch.cat([p.sigma for p in chunk]),

@@ -43,6 +43,7 @@ def test_an_image_concept_a_background_and_the_options_reach_the_job_and_come_ba
     data = json.loads(text)
     assert (data["keep_background"], data["appearance_alpha"], data["dilution_beta"], data["dilution_expand"]) == \
         (False, 0.0, 0.6, 0.25)
+    assert '"appearance_alpha": 0.0' in text   # one spelling, whatever the slider sent
     assert decode_png(data["background"]["png"], "b").size == (1024, 512)
     second = data["concepts"][1]
     assert decode_png(second["reference"]["png"], "r").convert("RGB").getpixel((5, 5)) == (180, 0, 0)

@@ -56,6 +56,9 @@ def axis_specs():
          lambda: ["True", "False"]),
         ("[Multi-Concept] Alignment until (conductor)", float, _setter("align_until", float), None),
         ("[Multi-Concept] Alignment step (conductor)", float, _setter("align_step", float), None),
+        ("[Multi-Concept] Appearance alpha", float, _setter("appearance_alpha", float), None),
+        ("[Multi-Concept] Dilution beta", float, _setter("dilution_beta", float), None),
+        ("[Multi-Concept] Dilution expand", float, _setter("dilution_expand", float), None),
     ]
 
 

@@ -27,7 +27,8 @@
     }
 
     class Editor {
-        constructor() {
+        constructor(prefix = "multi_concept") {
+            this.prefix = prefix;      // the panel's element-id prefix: which tab's panel this is
             this.imageWidth = 512;
             this.imageHeight = 512;
             this.concepts = [];        // [{name, layer, shown, source, sourceVersion}]
@@ -110,7 +111,8 @@
                 return;
             }
             if (!job || !Array.isArray(job.concepts)) return;
-            this.showReference(job.reference || "");
+            // conductor's reference, else the kept background: the regions are drawn over it
+            this.showReference(job.reference || (job.background && job.background.png) || "");
             const [w, h] = this.layerSize();
             const count = job.concepts.length;
             while (this.concepts.length < count) {
@@ -165,7 +167,7 @@
         }
 
         syncImageSize() {
-            const size = MC.readImageSize && MC.readImageSize();
+            const size = MC.readImageSize && MC.readImageSize(this.prefix);
             if (size) this.setImageSize(size[0], size[1]);
         }
 
@@ -189,7 +191,7 @@
             this.order.forEach((index, position) => { z[index] = position; });
             const payload = JSON.stringify({regions, z, edited});
             this.lastExport = payload;
-            if (MC.sendToPython) MC.sendToPython(payload);
+            if (MC.sendToPython) MC.sendToPython(payload, this.prefix);
         }
 
         // ---- edits --------------------------------------------------------------------------
@@ -231,7 +233,7 @@
             if (index < 0 || index >= this.concepts.length) return;
             this.active = index;
             this.legend.update();
-            if (showTab && MC.showConceptTab) MC.showConceptTab(index);
+            if (showTab && MC.showConceptTab) MC.showConceptTab(index, this.prefix);
         }
 
         move(index, step) {   // step -1: one place forward
@@ -305,7 +307,7 @@
         }
 
         useOutputAsBackground() {
-            const image = MC.selectedOutputImage && MC.selectedOutputImage();
+            const image = MC.selectedOutputImage && MC.selectedOutputImage(this.prefix);
             if (image) this.setBackgroundUrl(image);
         }
 

@@ -62,8 +62,11 @@ class ImageBatch:
             self.keys[what] = key
             if self.cache.get(key) is None and all(key != k for k, _, _ in todo):
                 todo.append((key, clean, conditioning))
-        if todo:
-            self._invert(model_fn, x, sigma, todo)
+        # at most as many rows as the host's call has (a host maps each engine row to one of its
+        # rows, e.g. Forge's ControlNet residuals) and the row cap allows
+        size = max(1, min(x.shape[0], plan.options.max_rows_per_call or x.shape[0]))
+        for start in range(0, len(todo), size):
+            self._invert(model_fn, x, sigma, todo[start:start + size])
 
     def _invert(self, model_fn, x, sigma, todo) -> None:
         session, plan = self.session, self.plan

@@ -37,6 +37,9 @@ class Concept:
     auto_box: tuple[float, float, float, float] | None = None   # the subject is inside (x, y, w, h), fractions
     class_tokens: list[int] | None = None   # base-prompt positions of its class word (regional re-initialisation)
     own_class_tokens: list[int] | None = None   # ... in its own prompt (regional concept enhancement)
+    # image concept (blend, conductor): its appearance comes from a reference picture
+    reference: torch.Tensor | None = None        # (1, 4, h, w) the picture's VAE latent at the generation's latent size
+    reference_mask: torch.Tensor | None = None   # (H, W) the subject in the reference; None: the whole picture
 
 
 @dataclass
@@ -64,6 +67,11 @@ class Options:
     mask_refine_k: int = 0             # k-means segments; 0: every k from N + 1 to 2N + 1 (the paper)
     align_until: float = 0.3           # with a reference picture: layout alignment during this fraction of steps
     align_step: float = 0.0            # ... gradient step size; 0: the paper's (10 SD1.5, 40 SDXL)
+    # image concepts and a kept background (blend, conductor; PnP-MIX)
+    appearance_alpha: float = 0.15     # V = V_concept + alpha * (V_concept - V_reference)
+    dilution_beta: float = 0.8         # the reference row outside the subject's grown box: beta * background
+    dilution_expand: float = 0.1       # the subject's box grows by this fraction of the image side on each side
+    keep_background: bool = True       # outside every region the prediction is the kept background
 
 
 @dataclass
@@ -80,6 +88,16 @@ class Plan:
     face_boxes: list | None = field(default=None, repr=False)   # per image: (k, 4) boxes in attention cells
     # conductor mode: every concept's own mask per image (B, n, h, w) once refined (drawn ones too)
     concept_masks: torch.Tensor | None = field(default=None, repr=False)
+    # a kept background (1 or B, 4, h, w): its VAE latent (txt2img: a picture; img2img: the init latent)
+    background: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def image_concepts(self) -> list[int]:
+        return [i for i, c in enumerate(self.concepts) if c.reference is not None]
+
+    def set_background(self, latent: torch.Tensor | None) -> None:
+        """The kept background's latent (None: none); checked against the generation's latent size."""
+        self.background = None if latent is None else _latent(latent, "background", self.regions.latent_hw, batch=True)
 
     @property
     def auto_concepts(self) -> list[int]:
@@ -137,7 +155,9 @@ class Plan:
         options = replace(self.options, start_at=0.0, layout_replay=False, refine_every=0, reinit=False, enhance=False,
                           mask_refine=False, align_until=0.0, feather=self.options.feather * scale)
         masks = [c.mask if c.mask is not None else torch.ones(hw) for c in self.concepts]
-        plan = Plan(list(self.concepts), hw, options,
+        # reference pictures and the background are latents of the first size: not used at another
+        concepts = [replace(c, reference=None, reference_mask=None) for c in self.concepts]
+        plan = Plan(concepts, hw, options,
                     regions=RegionWeights(masks, hw, back_to_front=self.back_to_front(), feather_px=options.feather))
         if self.concept_masks is not None:
             plan.set_concept_masks(self.concept_masks)   # refined (conductor): every concept's, per image
@@ -238,7 +258,26 @@ def _concept(item: Any, i: int) -> Concept:
         auto_box=_box(item.get("auto_box"), f"{name}.auto_box"),
         class_tokens=_positions(item.get("class_tokens"), f"{name}.class_tokens"),
         own_class_tokens=_positions(item.get("own_class_tokens"), f"{name}.own_class_tokens"),
+        reference=item.get("reference"),   # checked against the latent size in build_plan
+        reference_mask=None if item.get("reference_mask") is None else check_mask(item["reference_mask"],
+                                                                                  f"{name}.reference_mask"),
     )
+
+
+def _latent(value: Any, name: str, latent_hw: tuple[int, int], batch: bool = False) -> torch.Tensor:
+    """A VAE latent (1, 4, h, w) (batch: (B, 4, h, w)) at the generation's latent size."""
+    if not isinstance(value, torch.Tensor) or value.dim() != 4 or not value.dtype.is_floating_point:
+        raise PlanError(name, f"must be a float latent tensor (1, 4, h, w), got {_described(value)}")
+    if (value.shape[0] != 1 and not batch) or value.shape[0] < 1 or tuple(value.shape[-2:]) != tuple(latent_hw):
+        raise PlanError(name, f"latent {tuple(value.shape)} does not match the generation's latent "
+                              f"({'B' if batch else 1}, C, {latent_hw[0]}, {latent_hw[1]})")
+    if not torch.isfinite(value).all():
+        raise PlanError(name, "contains NaN or infinity")
+    return value.detach()
+
+
+def _described(value: Any) -> str:
+    return f"shape {tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
 def _positions(value: Any, name: str) -> list[int] | None:
@@ -260,7 +299,8 @@ def _box(value: Any, name: str) -> tuple[float, float, float, float] | None:
     return x, y, w, h
 
 
-def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: Any) -> Plan:
+def build_plan(concepts: Sequence[Any], image_size: Sequence[int], background: torch.Tensor | None = None,
+               **options: Any) -> Plan:
     """Validate everything for one job. Raises PlanError naming the field."""
     if not isinstance(image_size, Sequence) or len(image_size) != 2 or not all(
             isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in image_size):
@@ -279,6 +319,11 @@ def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: An
     for name in ("mask_refine_from", "mask_refine_until", "mask_refine_every", "align_until"):
         setattr(opts, name, _number(getattr(opts, name), f"{name} (conductor mode)", 0.0, 1.0))
     opts.align_step = _number(opts.align_step, "align_step (conductor mode)", 0.0)
+    opts.appearance_alpha = _number(opts.appearance_alpha, "appearance_alpha", 0.0, 10.0)
+    opts.dilution_beta = _number(opts.dilution_beta, "dilution_beta", 0.0, 1.0)
+    opts.dilution_expand = _number(opts.dilution_expand, "dilution_expand", 0.0, 1.0)
+    if not isinstance(opts.keep_background, bool):
+        raise PlanError("keep_background", f"must be true or false, got {opts.keep_background!r}")
     if not isinstance(opts.mask_refine, bool):
         raise PlanError("mask_refine (conductor mode)", f"must be true or false, got {opts.mask_refine!r}")
     if isinstance(opts.mask_refine_k, bool) or not isinstance(opts.mask_refine_k, int) or opts.mask_refine_k < 0:
@@ -305,4 +350,8 @@ def build_plan(concepts: Sequence[Any], image_size: Sequence[int], **options: An
     # until the layout pass finds them, automatic regions cover the image (never blended so)
     masks = [c.mask if c.mask is not None else torch.ones(hw) for c in parsed]
     plan.regions = RegionWeights(masks, hw, back_to_front=plan.back_to_front(), feather_px=opts.feather)
+    for i, concept in enumerate(parsed):
+        if concept.reference is not None:
+            concept.reference = _latent(concept.reference, f"concepts[{i}].reference", plan.regions.latent_hw)
+    plan.set_background(background)
     return plan

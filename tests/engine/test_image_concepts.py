@@ -311,6 +311,45 @@ def test_a_concept_without_a_reference_is_untouched_and_no_picture_means_no_extr
     assert (a["out"][alice_a] - b["out"][alice_b]).abs().max() > 1e-3   # alice's do change
 
 
+def test_sdxl_keeps_the_background_and_its_reference_rows_guide_the_concept():
+    """The same on SDXL's sgm UNet (A1111's path, {"crossattn", "vector"} conditioning)."""
+    from lib_mc.lora import load_network
+    from tinyxl import TinyXL, XLCFGHost, make_xl_unet, write_xl_lora, xl_cond
+    import tempfile, pathlib
+    unet = make_xl_unet()
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / "xl_alice.safetensors"
+        write_xl_lora(path, unet, seed=10)
+        alice = load_network(str(path))
+    ldm = TinyXL(unet)
+
+    def run_xl(reference):
+        concept = dict(name="alice", cond=xl_cond(3), loras=[(alice, 0.8)], mask=box(0, 128, 0, 64))
+        if reference:
+            concept.update(reference=latent(7), reference_mask=box(32, 64, 32, 64))
+        plan = build_plan([concept], IMAGE, background=latent(8), start_at=0.3)
+        session = make_session("blend", unet, plan, context_key="crossattn")
+        host = XLCFGHost(ldm, xl_cond(1), xl_cond(2))
+        host.route = session.denoise
+        sigmas = host.inner.get_sigmas(STEPS)
+
+        def run(noise):
+            host.step, host.total_steps = 0, STEPS
+            with torch.no_grad():
+                return sampling.sample_euler(host, noise * sigmas[0], sigmas, disable=True)
+        initial = latent(0, 1.0)
+        image = session.sample(HostPass(sample=run, initial=initial, replay_noise=lambda: initial,
+                                        schedule=SamplerSchedule(sigmas)))
+        assert unpatched(unet)
+        return image, plan, session
+    image, plan, session = run_xl(True)
+    outside = outside_cells(plan)
+    torch.testing.assert_close(image[..., outside], plan.background[..., outside], rtol=0, atol=1e-5)
+    assert session.stats.invert_rows == 2 * (STEPS + 1)
+    without, _, _ = run_xl(False)
+    assert (image - without)[..., ~outside].abs().max() > 1e-2
+
+
 def test_bad_pictures_are_named(world):
     with pytest.raises(PlanError, match=r"concepts\[0\]\.reference"):
         build_plan([dict(name="a", cond=world["cond"], mask=box(0, 128, 0, 64), reference=torch.zeros(1, 4, 8, 8))],

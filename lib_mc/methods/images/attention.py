@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...hooks.attention import _given
 from ...hooks.state import CallState, RunState
 
 
@@ -48,7 +49,8 @@ def make_guided_forward(module, original, run: RunState):
     def forward(x, context=None, mask=None, **kwargs):
         out = original(x, context=context, mask=mask, **kwargs)
         call = run.call
-        if call is None or (context is not None and context is not x) or mask is not None or not call.reference_rows:
+        if call is None or (context is not None and context is not x) or mask is not None or not call.reference_rows \
+                or any(_given(v) for v in kwargs.values()):   # sgm's crossframe / extra tokens: the host's
             return out
         pairs = _pairs(call)
         if not pairs:

@@ -2,7 +2,7 @@
 
 It builds txt2img's width/height controls (same element ids as A1111/Forge) and a button that
 sets them from Python (as Forge's UI presets do), an output gallery (`txt2img_gallery`), the panel from
-`build_panel`, a Generate button whose handler records the job JSON that Python receives, and
+`build_panel` (and, last, the panel built again for img2img with img2img's size controls), a Generate button whose handler records the job JSON that Python receives, and
 a Load button that pastes a job into the panel's paste box as infotext does. The extension's
 javascript/*.js go into <head> and style.css into <body>, as `file=` URLs, exactly like the
 WebUI's template patch (modules/ui_gradio_extensions.py).
@@ -63,11 +63,20 @@ def build(record: pathlib.Path) -> gr.Blocks:
         output = Image.new("RGB", (96, 64), (0, 200, 0))
         output.paste((200, 0, 200), (48, 0, 96, 64))   # green left, purple right
         gr.Gallery([output], elem_id="txt2img_gallery", label="Output")
+        # the panel built again for the img2img tab, as the WebUI builds every script's ui() per tab:
+        # its own ids and its tab's size controls (768x512 here, txt2img's stay 512x512); below
+        # everything else, so it moves nothing the txt2img tests look at
+        with gr.Row():
+            gr.Slider(64, 2048, 768, step=8, label="Width", elem_id="img2img_width", interactive=True)
+            gr.Slider(64, 2048, 512, step=8, label="Height", elem_id="img2img_height", interactive=True)
+        img2img_panel = build_panel(lambda: ["alice_v1", "bob_v1"], is_img2img=True)
+        img2img_generate = gr.Button("Generate img2img", elem_id="img2img_generate")
 
         def run(job: str) -> str:
             record.write_text(job)
             return str(len(job))
         generate.click(run, inputs=[panel.job], outputs=[received])
+        img2img_generate.click(run, inputs=[img2img_panel.job], outputs=[received])
         load.click(lambda text: text, inputs=[load_text], outputs=[panel.paste_box])
     return demo
 

@@ -149,10 +149,11 @@ def wait_until(page, check, what: str, timeout_ms=10000):
     assert check(), what
 
 
-def generate(page, panel_app) -> dict:
-    """Bare apps: clicks Generate and returns the job JSON the Python handler received."""
+def generate(page, panel_app, button="#txt2img_generate") -> dict:
+    """Bare apps: clicks Generate (txt2img's, or `button`) and returns the job JSON the Python
+    handler received."""
     before = time.time() - 0.01
-    page.click("#txt2img_generate")
+    page.click(button)
     deadline = time.time() + 20
     while time.time() < deadline:
         text = panel_app.received(before)

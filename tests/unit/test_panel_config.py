@@ -99,6 +99,8 @@ def problems() -> list[str]:
                    "txt2img/Concept enhancement (regional)/value": True,
                    "txt2img/Mask refinement (conductor)/value": False, "txt2img/Alignment until (conductor)/value": 0.1,
                    "txt2img/Refinement segments (conductor)/value": 5, "txt2img/Identity words (token)/value": "x y",
+                   "txt2img/Keep background/value": False, "txt2img/Appearance alpha (image concepts)/value": 0.3,
+                   "txt2img/Dilution expand (image concepts)/value": 0.2,
                    "txt2img/Region/value": "centre", "txt2img/x/value": 0.25, "txt2img/Concepts/value": 4,
                    "txt2img/Concept prompt/value": "concept 1's prompt"})
     job = served_job(demo, panel)
@@ -106,7 +108,8 @@ def problems() -> list[str]:
     if shown.get("txt2img/Concepts start at/value") != "0.55" or job.get("start_at") != 0.55 \
             or job["hires_loras"] is not False \
             or job["isolation"] is not False or job["isolation_until"] != 0.4 or job.get("enhance") is not True \
-            or job["mask_refine"] is not False or job["align_until"] != 0.1 or job["mask_refine_k"] != 5:
+            or job["mask_refine"] is not False or job["align_until"] != 0.1 or job["mask_refine_k"] != 5 \
+            or job["keep_background"] is not False or job["appearance_alpha"] != 0.3 or job["dilution_expand"] != 0.2:
         found.append(f"the page's job does not hold the restored options: {job}")
     parsed = parse_job(job)
     if len(parsed.concepts) != 2 or [c.region.x for c in parsed.concepts] != [0, 0.5] or parsed.concepts[1].prompt \

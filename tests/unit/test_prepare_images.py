@@ -85,7 +85,7 @@ def test_each_picture_is_encoded_once_per_job_and_size(unet):
     assert services.pictures == [(same, (256, 256))]
     kept = first.concepts[0].reference   # one tensor's storage for all three, both batches
     assert all(t.data_ptr() == kept.data_ptr() for t in (first.concepts[1].reference, second.background))
-    batch((128, 192))   # another size (the hires pass): encoded for it
+    batch((128, 192))   # another generation size: encoded for it
     assert services.pictures == [(same, (256, 256)), (same, (128, 192))]
 
 

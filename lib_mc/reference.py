@@ -1,4 +1,5 @@
-"""The reference picture of conductor mode's layout alignment, as pixels the host's VAE encodes."""
+"""A picture of the job (conductor mode's reference, an image concept's reference, the kept
+background) as pixels the host's VAE encodes."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import torch
 from .regions import decode_png
 
 
-def reference_pixels(png: str, image_hw: tuple[int, int]) -> torch.Tensor:
+def reference_pixels(png: str, image_hw: tuple[int, int], field: str = "reference") -> torch.Tensor:
     """Base64 PNG -> (1, 3, H, W) in [-1, 1] at the generation's size: RGB (transparent parts on
     white, as a collage shows), scaled to cover the size and centre-cropped, as img2img's *Crop
-    and resize* does, so the layout is not stretched."""
+    and resize* does, so the layout is not stretched. `field` names the picture in the error
+    when it cannot be decoded."""
     from PIL import Image
-    image = decode_png(png, "reference")
+    image = decode_png(png, field)
     if image.mode in ("RGBA", "LA", "P") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -25,7 +25,8 @@ class MultiConceptScript(scripts.Script):
         return "Multi-Concept"
 
     def show(self, is_img2img):
-        return scripts.AlwaysVisible if adapter is not None and not is_img2img else False
+        """In txt2img and img2img (there the init image is the layout and the kept background)."""
+        return scripts.AlwaysVisible if adapter is not None else False
 
     def ui(self, is_img2img):
         from lib_mc.ui.panel import build_panel

@@ -4,8 +4,10 @@ uncond]; row chunks with *Batch cond/uncond* off; separate cond and uncond calls
 negative prompt has another number of 75-token chunks; cond only on the steps *Negative
 Guidance minimum sigma* skips), and a sampler object shaped like A1111's KDiffusionSampler
 (`sample(p, x, conditioning, unconditional_conditioning, ...)`, ancestral noise from `p.rng`,
-Brownian-tree noise seeded from the image seeds). The UNet, k-diffusion's denoiser wrapper and
-sampling functions are the real ones."""
+Brownian-tree noise seeded from the image seeds, `sample_img2img` with img2img's step setup and
+the inpainting mask applied after CFG as A1111's CFG denoiser does), and img2img's processing
+(`img2img_processing`, `img2img_sample`). The UNet, k-diffusion's denoiser wrapper and sampling
+functions are the real ones."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class A1111CFGDenoiser:
         self.inner_model, self.opts = inner_model, opts
         self.step = 0
         self.total_steps = 0
+        self.mask = self.nmask = self.init_latent = None   # img2img's inpainting mask (set per sampling)
 
     def __call__(self, x, sigma, **kwargs):
         return self.forward(x, sigma, **kwargs)
@@ -60,6 +63,8 @@ class A1111CFGDenoiser:
         denoised_uncond = x_out[-batch_size:]
         scale = 1.0 if skip_uncond else cond_scale
         denoised = denoised_uncond + (x_out[:batch_size] - denoised_uncond) * scale
+        if self.mask is not None:   # inpainting: outside the mask the prediction is the init latent (after CFG)
+            denoised = denoised * self.nmask + self.init_latent * self.mask
         self.step += 1
         return denoised
 
@@ -114,6 +119,10 @@ SAMPLERS = {
 }
 
 
+# A1111's `second_order` samplers: its CFG denoiser's total_steps counts two evaluations per step
+SECOND_ORDER = {"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE"}
+
+
 class A1111Sampler:
     """Shaped like A1111's KDiffusionSampler: `model_wrap_cfg` (the CFG denoiser, whose
     `inner_model` the adapter routes) and `sample(p, x, ...)` with x the unit initial noise."""
@@ -136,14 +145,19 @@ class A1111Sampler:
 
     def sample_img2img(self, p, x, noise, conditioning, unconditional_conditioning, steps=None,
                        image_conditioning=None):
-        """The hires fix's second pass: the upscaled latent noised to the denoising strength's sigma."""
-        steps = steps or p.steps
-        t_enc = int(min(p.denoising_strength, 0.999) * steps)
-        sigmas = self.sigma_source.get_sigmas(steps)[steps - t_enc - 1:]
+        """img2img and the hires fix's second pass: x (the init latent) noised to the sigma of
+        the denoising strength, then the last t_enc + 1 steps of the schedule."""
+        from modules import sd_samplers_common
+        steps, t_enc = sd_samplers_common.setup_img2img_steps(p, steps)
+        sigmas = self.get_sigmas(p, steps)[steps - t_enc - 1:]
+        self.model_wrap_cfg.init_latent = x
         return self._run(p, x + noise * sigmas[0], sigmas, conditioning, unconditional_conditioning, image_conditioning)
 
     def _run(self, p, x, sigmas, conditioning, unconditional_conditioning, image_conditioning):
-        self.model_wrap_cfg.step, self.model_wrap_cfg.total_steps = 0, len(sigmas) - 1
+        cfg = self.model_wrap_cfg
+        # as A1111's initialize() and launch_sampling(): the step counter, the evaluations expected, the mask
+        cfg.step, cfg.total_steps = 0, (len(sigmas) - 1) * (2 if self.name in SECOND_ORDER else 1)
+        cfg.mask, cfg.nmask = getattr(p, "mask", None), getattr(p, "nmask", None)
         kwargs = {}
         if self.ancestral:
             kwargs["noise_sampler"] = lambda s, s_next: p.rng.next()
@@ -154,6 +168,38 @@ class A1111Sampler:
                      s_min_uncond=p.s_min_uncond, image_cond=image_conditioning)
         with torch.no_grad():
             return self.func(self.model_wrap_cfg, x, sigmas, extra_args=extra, disable=True, **kwargs)
+
+
+def img2img_processing(init_latent, steps=6, seed=0, strength=0.6, mask=None, noise_multiplier=1.0, **kwargs):
+    """The attributes of A1111's StableDiffusionProcessingImg2Img the host glue and its sample()
+    read: the init latent (B, 4, h, w) as init() encodes it, the denoising strength, the noise
+    multiplier and, for inpainting, the latent mask (1 = repaint) as init() makes it: p.mask
+    keeps the init latent, p.nmask is repainted."""
+    batch, _, h, w = init_latent.shape
+    p = processing(width=w * 8, height=h * 8, steps=steps, batch=batch, seed=seed, **kwargs)
+    p.init_latent, p.denoising_strength, p.initial_noise_multiplier = init_latent, strength, noise_multiplier
+    p.image_conditioning = None
+    p.mask = p.nmask = None
+    if mask is not None:
+        latmask = mask.float().expand(init_latent.shape[1], h, w)
+        p.mask, p.nmask = 1.0 - latmask, latmask
+    return p
+
+
+def img2img_sample(p, conditioning, unconditional_conditioning, scripts_hook=None):
+    """A1111's StableDiffusionProcessingImg2Img.sample: the batch's noise (times the noise
+    multiplier), the scripts' process_before_every_sampling, sample_img2img, then the mask's
+    outside put back to the init latent."""
+    x = p.rng.next()
+    if p.initial_noise_multiplier != 1.0:
+        x *= p.initial_noise_multiplier
+    if scripts_hook is not None:
+        scripts_hook(p, x=p.init_latent, noise=x, c=conditioning, uc=unconditional_conditioning)
+    samples = p.sampler.sample_img2img(p, p.init_latent, x, conditioning, unconditional_conditioning,
+                                       image_conditioning=p.image_conditioning)
+    if p.mask is not None:
+        samples = samples * p.nmask + p.init_latent * p.mask
+    return samples
 
 
 def processing(width=128, height=128, steps=6, batch=1, seed=0, cfg_scale=5.0, s_min_uncond=0.0, prompt="p"):

@@ -78,6 +78,7 @@ def process_before_every_sampling(p, **kwargs) -> None:
         if hires is not None:
             _route_hires(p, hires, kwargs.get("x"))
         return
+    webui.img2img_background(p, state)
     if state.error is None and state.prepared is not None:
         try:
             state.session = _session(p, state.prepared.plan)

@@ -96,6 +96,7 @@ def process_before_every_sampling(p, **kwargs) -> None:
             _route_hires(p, hires, kwargs.get("x"))
         return
     counter = webui.StepCount(p.sampler.model_wrap_cfg, p)
+    webui.img2img_background(p, state)
     if state.error is None and state.prepared is not None:
         try:
             p.sd_model.forge_objects.unet = _routed_unet(p.sd_model.forge_objects.unet, state, counter)

@@ -10,10 +10,12 @@ Flow per job:
 - `process_batch` (main-prompt LoRAs are active): resolve LoRAs, encode concept prompts with
   their text-encoder LoRAs, build masks and the engine Plan.
 - `process_before_every_sampling` (first pass only, not hires): the adapter routes the UNet
-  calls and `wrap_sampler` hands this batch's `sampler.sample` to the job's method
-  (`session.sample`): blend samples twice (stage 1 plain and recorded, then `p.rng` is
-  recreated and stage 2 runs with the engine), regional once (a probe call first when it
-  re-initialises the latent, then `p.rng` is recreated).
+  calls and `wrap_sampler` hands this batch's `sampler.sample` (txt2img) or
+  `sampler.sample_img2img` (img2img: the init latent stays the host's, the noise is what the
+  method replays) to the job's method (`session.sample`): blend samples twice (stage 1 plain
+  and recorded, then `p.rng` is recreated and stage 2 runs with the engine), regional once (a
+  probe call first when it re-initialises the latent, then `p.rng` is recreated). In img2img
+  the init latent becomes the plan's background (`img2img_background`).
 - `postprocess`: with `save_layout`, add the stage-1 images and a mask overlay.
 """
 
@@ -36,7 +38,7 @@ from ..methods.schedule import SamplerSchedule
 from ..reference import reference_pixels
 from ..errors import EngineError, MultiConceptError
 from ..infotext import KEY as INFOTEXT_KEY, ImageInfotext
-from ..job import Job, JobError, parse_job
+from ..job import IMAGE_MODES, Job, JobError, parse_job
 from ..lora.network import Network
 from ..prepare import LoraFile, Prepared, prepare
 from ..regions import encode_png
@@ -59,6 +61,7 @@ class JobState:
     session: SessionBase | None = None           # this batch's engine session (the job's method)
     routed_sampler: object = None                # the sampler whose sample() this batch wrapped
     reference: tuple | None = None               # (image size, the reference picture's latent): encoded once a job
+    pictures: dict = field(default_factory=dict)  # prepare's encoded pictures (references, background), once a job
     moves: "LatentMoves" = field(default_factory=lambda: LatentMoves())   # latents the engine moved (alignment)
 
 
@@ -88,6 +91,12 @@ def refresh_lora_names() -> list[str]:
 class WebUIServices:
     """What `prepare` needs from the host that both WebUIs do alike; the adapters add `encode`
     and `word_positions`."""
+
+    def encode_picture(self, png_b64: str, image_hw: tuple[int, int], field: str = "reference") -> torch.Tensor:
+        """A picture of the job (an image concept's reference, the kept background) as the
+        host's VAE encodes it at the generation's size: (1, 4, h, w). `field` names it in the
+        error when it cannot be decoded."""
+        return encode_picture(self.p.sd_model, png_b64, image_hw, field)
 
     def __init__(self, p):
         self.p = p
@@ -159,7 +168,8 @@ def process_batch(p, services, unet) -> None:
         refuse_and(p.prompts)   # wildcards may bring one into a batch's prompts
         state.prepared = prepare(
             state.job, base_prompt=p.prompts[0], base_prompts=list(p.prompts), base_negative=p.negative_prompts[0],
-            image_hw=image_hw(p), unet=unet, services=services, networks_cache=state.networks)
+            image_hw=image_hw(p), unet=unet, services=services, networks_cache=state.networks,
+            pictures_cache=state.pictures)
         plan = state.prepared.plan
         arch = "sdxl" if getattr(p.sd_model, "is_sdxl", False) else "sd1"
         plan.options.max_rows_per_call = webui_models.rows_per_call(arch, plan.regions.latent_hw)
@@ -270,8 +280,10 @@ def hires_failed(p, state: JobState, exc: Exception) -> None:
 
 class StepCount:
     """Steps as the engine counts them: the CFG denoiser's own counter of evaluations; the total
-    is stage 1's count of them once known, before that the steps times the sampler's
-    evaluations per step."""
+    is stage 1's count of them once known, before that the CFG denoiser's `total_steps`: both
+    WebUIs set it when sampling starts (`launch_sampling`) to the steps this run really takes
+    (img2img: `int(steps * denoising_strength) + 1`), doubled for a second-order sampler.
+    Only before that is it the steps times the sampler's evaluations per step."""
 
     def __init__(self, cfg, p):
         self.cfg, self.p = cfg, p
@@ -285,37 +297,66 @@ class StepCount:
     def total(self) -> int:
         if self.stage1_calls:
             return self.stage1_calls
-        steps = max(1, int(getattr(self.cfg, "total_steps", 0) or self.p.steps))
-        return steps * evaluations_per_step(getattr(self.p, "sampler_name", None))
+        evaluations = int(getattr(self.cfg, "total_steps", 0) or 0)
+        if evaluations > 0:
+            return evaluations
+        return max(1, int(self.p.steps)) * evaluations_per_step(getattr(self.p, "sampler_name", None))
 
 
 def wrap_sampler(p, state: JobState, counter: StepCount, routing=None) -> None:
-    """Make this batch's `sampler.sample` sample with the job's method (once: the hires pass
-    gets the plain sampler). `routing`: a context manager active around all of it (A1111's patches)."""
+    """Make this batch's first sampling, `sampler.sample` (txt2img) or `sampler.sample_img2img`
+    (img2img), sample with the job's method (once: the first call unwraps both, so the hires
+    pass gets the plain sampler). `routing`: a context manager active around all of it (A1111's
+    patches)."""
     sampler = p.sampler
-    original = sampler.sample
+    originals = {name: getattr(sampler, name) for name in ("sample", "sample_img2img") if hasattr(sampler, name)}
     state.routed_sampler = sampler
 
-    def routed_sample(p_, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None,
-                         **kwargs):
-        sampler.__dict__.pop("sample", None)
+    def unwrap():
+        for name in originals:
+            sampler.__dict__.pop(name, None)
         if state.error is not None:
             raise state.error
         if state.prepared is None or state.session is None:
             raise EngineError("the job was not prepared for this batch (process_batch did not run)")
 
-        def sample_once(noise):
-            return original(p_, noise, conditioning, unconditional_conditioning, steps=steps,
-                            image_conditioning=image_conditioning, **kwargs)
+    def run(p_, noise, sample_once, steps, img2img):
         if routing is None:
-            return _sample_batch(p_, state, counter, x, sample_once, steps)
+            return _sample_batch(p_, state, counter, noise, sample_once, steps, img2img=img2img)
         with routing:
-            return _sample_batch(p_, state, counter, x, sample_once, steps)
-    sampler.sample = routed_sample
+            return _sample_batch(p_, state, counter, noise, sample_once, steps, img2img=img2img)
+
+    def routed_sample(p_, x, conditioning, unconditional_conditioning, steps=None, image_conditioning=None,
+                      **kwargs):
+        unwrap()
+
+        def sample_once(noise):
+            return originals["sample"](p_, noise, conditioning, unconditional_conditioning, steps=steps,
+                                       image_conditioning=image_conditioning, **kwargs)
+        return run(p_, x, sample_once, steps, img2img=False)
+
+    def routed_sample_img2img(p_, x, noise, conditioning, unconditional_conditioning, steps=None,
+                              image_conditioning=None, **kwargs):
+        """img2img's first pass: x is the init latent (the host noises it to the denoising
+        strength's level inside sample_img2img), `noise` the host's noise; a method's passes
+        differ only in the noise they hand over (the same, replayed, in blend's two)."""
+        unwrap()
+
+        def sample_once(noise_):
+            return originals["sample_img2img"](p_, x, noise_, conditioning, unconditional_conditioning, steps=steps,
+                                               image_conditioning=image_conditioning, **kwargs)
+        return run(p_, noise, sample_once, steps, img2img=True)
+
+    if "sample" in originals:
+        sampler.sample = routed_sample
+    if "sample_img2img" in originals:
+        sampler.sample_img2img = routed_sample_img2img
 
 
-def _sample_batch(p, state: JobState, counter: StepCount, x: torch.Tensor, sample_once: Callable, steps=None):
-    """This batch sampled by the job's method (`session.sample`), given what it needs of the host."""
+def _sample_batch(p, state: JobState, counter: StepCount, x: torch.Tensor, sample_once: Callable, steps=None,
+                  img2img: bool = False):
+    """This batch sampled by the job's method (`session.sample`), given what it needs of the host.
+    x: the initial noise (img2img: the noise the sampler adds to the init latent)."""
     counter.stage1_calls = None
 
     def layout_image(latents):
@@ -327,7 +368,7 @@ def _sample_batch(p, state: JobState, counter: StepCount, x: torch.Tensor, sampl
 
     cfg = getattr(p.sampler, "model_wrap_cfg", None)
     initial = x.clone()
-    host = HostPass(sample=sample_once, initial=x, replay_noise=lambda: _replay_noise(p, initial),
+    host = HostPass(sample=sample_once, initial=x, replay_noise=lambda: _replay_noise(p, initial, img2img),
                     interrupted=lambda: bool(shared.state.interrupted or shared.state.skipped),
                     find_regions=lambda latents: _find_regions(p, state, latents), layout_done=layout_done,
                     layout_image=layout_image,
@@ -335,40 +376,91 @@ def _sample_batch(p, state: JobState, counter: StepCount, x: torch.Tensor, sampl
     host.reference = reference_latent(p, state)
     if host.reference is not None:
         state.moves.pending.clear()
-        host.schedule, host.latent_moved = sampler_schedule(p, steps), state.moves.add
+        host.latent_moved = state.moves.add
+    if host.reference is not None or _inverts_pictures(state.prepared.plan):
+        host.schedule = sampler_schedule(p, steps, img2img=img2img)
     result = state.session.sample(host)
     _remember_found(p, state)
     return result
 
 
+def _inverts_pictures(plan) -> bool:
+    """The plan holds pictures the method inverts over the sampler's levels: a kept background
+    or an image concept's reference."""
+    return plan.background is not None or bool(plan.image_concepts)
+
+
+def wants_background(job) -> bool:
+    """img2img's init image becomes the plan's background in the modes that keep one (blend,
+    conductor) when the job keeps the background (`keep_background`, default on) or has image
+    concepts (their references are diluted with it); the engine decides what to do with it."""
+    if getattr(job, "mode", "blend") not in IMAGE_MODES:
+        return False
+    image_concepts = any(getattr(c, "reference", None) for c in getattr(job, "concepts", None) or [])
+    return bool(getattr(job, "keep_background", True)) or image_concepts
+
+
+def img2img_background(p, state: JobState) -> None:
+    """img2img: this batch's init latent (B, 4, h, w), as the sampler gets it, is the plan's
+    background; set before the session is made from the plan. txt2img has no init latent
+    (prepare encodes the job's background picture instead)."""
+    init = getattr(p, "init_latent", None)
+    if init is None or state.error is not None or state.prepared is None or not wants_background(state.job):
+        return
+    try:
+        state.prepared.plan.set_background(init.detach().float().clone())
+    except MultiConceptError as exc:   # raised from the sampler call, where the WebUI shows it
+        state.error = exc
+
+
 def reference_latent(p, state: JobState) -> torch.Tensor | None:
-    """Conductor mode's reference picture encoded by the host's VAE, as img2img encodes its
-    input (`get_first_stage_encoding(encode_first_stage(pixels))`, the posterior's mode where
-    the VAE gives a distribution, as the paper's code takes its mean), at the generation's size;
-    None without one. Encoded once per job."""
+    """Conductor mode's reference picture encoded by the host's VAE (`encode_picture`) at the
+    generation's size; None without one. Encoded once per job."""
     job = state.job
     if getattr(job, "mode", None) != "conductor" or not getattr(job, "reference", ""):
         return None
     size = image_hw(p)
     if state.reference is None or state.reference[0] != size:
-        pixels = reference_pixels(job.reference, size).to(devices.device, getattr(devices, "dtype_vae", torch.float32))
-        model = p.sd_model
-        with torch.no_grad(), devices.autocast():
-            encoded = model.encode_first_stage(pixels)
-            latent = model.get_first_stage_encoding(encoded.mode() if hasattr(encoded, "mode") else encoded)
-        state.reference = (size, latent.detach().float())
+        state.reference = (size, encode_picture(p.sd_model, job.reference, size))
     return state.reference[1]
 
 
-def sampler_schedule(p, steps=None) -> SamplerSchedule:
+def encode_picture(model, png: str, image_hw: tuple[int, int], field: str = "reference") -> torch.Tensor:
+    """A base64 picture -> its latent (1, 4, h, w) at this image size, by the host's VAE as
+    img2img encodes its input (`get_first_stage_encoding(encode_first_stage(pixels))`; the
+    posterior's mode where the VAE gives a distribution (A1111's SD1/SD2), as the paper's code
+    takes its mean; a tensor as it is (A1111's SDXL, Forge): a tensor's own `mode()` is a
+    statistic). The picture is cropped to the size, not stretched (`reference_pixels`).
+    Float32, a plain tensor (Forge encodes under inference mode)."""
+    pixels = reference_pixels(png, image_hw, field).to(devices.device, getattr(devices, "dtype_vae", torch.float32))
+    with torch.no_grad(), devices.autocast():
+        encoded = model.encode_first_stage(pixels)
+        if not torch.is_tensor(encoded) and hasattr(encoded, "mode"):
+            encoded = encoded.mode()
+        latent = model.get_first_stage_encoding(encoded)
+    return latent.detach().float().clone()
+
+
+def sampler_schedule(p, steps=None, img2img: bool = False) -> SamplerSchedule:
     """The noise levels this batch's sampler will call its denoiser with: a k-diffusion sampler's
     sigmas (`get_sigmas`), or A1111's DDIM / PLMS / UniPC timesteps over the model's
-    alphas_cumprod (`get_timesteps`); Forge calls the UNet of those with the timesteps' sigmas."""
-    sampler, steps = p.sampler, steps or p.steps
+    alphas_cumprod (`get_timesteps`); Forge calls the UNet of those with the timesteps' sigmas.
+    img2img runs the tail of a longer schedule: both WebUIs' `setup_img2img_steps` give the
+    schedule's steps and t_enc, and sample_img2img keeps sigmas[steps - t_enc - 1:] (timesteps[:t_enc])."""
+    sampler = p.sampler
+    t_enc = None
+    if img2img:
+        from modules import sd_samplers_common
+        steps, t_enc = sd_samplers_common.setup_img2img_steps(p, steps)
+    else:
+        steps = steps or p.steps
     if hasattr(sampler, "get_sigmas"):
-        return SamplerSchedule(sampler.get_sigmas(p, steps))
+        sigmas = sampler.get_sigmas(p, steps)
+        return SamplerSchedule(sigmas if t_enc is None else sigmas[steps - t_enc - 1:])
     if hasattr(sampler, "get_timesteps"):
         timesteps = sampler.get_timesteps(p, steps).long().cpu()
+        if t_enc is not None:
+            timesteps = timesteps[:t_enc]
         alphas = p.sd_model.alphas_cumprod.detach().double().cpu()
         if getattr(sampler.model_wrap_cfg, "classic_ddim_eps_estimation", False):
             return SamplerSchedule(((1 - alphas) / alphas).sqrt()[timesteps])
@@ -434,12 +526,16 @@ def _x0_of(cfg):
     return None if get is None else (lambda x_, out, sigma: get(x_, out, sigma))
 
 
-def _replay_noise(p, initial: torch.Tensor) -> torch.Tensor:
-    """Recreate the WebUI's noise generator: the same initial and ancestral noise for stage 2."""
+def _replay_noise(p, initial: torch.Tensor, img2img: bool = False) -> torch.Tensor:
+    """Recreate the WebUI's noise generator: the same initial and ancestral noise for stage 2.
+    img2img scales its noise by `initial_noise_multiplier` (when not 1) as the WebUIs do."""
     old = p.rng
     p.rng = rng.ImageRNG(old.shape, old.seeds, subseeds=old.subseeds, subseed_strength=old.subseed_strength,
                          seed_resize_from_h=old.seed_resize_from_h, seed_resize_from_w=old.seed_resize_from_w)
     again = p.rng.next()
+    multiplier = getattr(p, "initial_noise_multiplier", 1.0) if img2img else 1.0
+    if multiplier is not None and multiplier != 1.0:
+        again *= multiplier
     if not torch.equal(again.to(initial.device), initial):
         raise EngineError("recreating the WebUI's noise generator did not reproduce the initial noise")
     return again.to(initial.device, initial.dtype)

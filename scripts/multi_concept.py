@@ -30,7 +30,7 @@ class MultiConceptScript(scripts.Script):
 
     def ui(self, is_img2img):
         from lib_mc.ui.panel import build_panel
-        panel = build_panel(adapter.lora_names, adapter.refresh_lora_names)
+        panel = build_panel(adapter.lora_names, adapter.refresh_lora_names, is_img2img=is_img2img)
         self.infotext_fields = [(panel.paste_box, INFOTEXT_KEY)]
         self.paste_field_names = [INFOTEXT_KEY]
         return [panel.job]

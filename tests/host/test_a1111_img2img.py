@@ -74,6 +74,12 @@ def test_the_script_is_shown_in_txt2img_and_img2img(monkeypatch):
     script = module.MultiConceptScript()
     assert script.show(False) is scripts.AlwaysVisible
     assert script.show(True) is scripts.AlwaysVisible
+    # each tab's panel has its own element ids (two panels on one page)
+    import gradio as gr
+    with gr.Blocks():
+        (txt2img_job,) = script.ui(False)
+        (img2img_job,) = script.ui(True)
+    assert txt2img_job.elem_id == "multi_concept_job" and img2img_job.elem_id == "img2img_multi_concept_job"
 
 
 # ---- disabled: plain img2img -------------------------------------------------------------------

@@ -19,6 +19,7 @@ from lib_mc.methods.images.inversion import invert_levels
 from lib_mc.methods.schedule import SamplerSchedule
 from lib_mc.plan import build_plan
 from test_forge_routing import PatcherOptions, forge_block_attention, host_attention
+from planted import cells, covers, plant
 from tinyhost import CFGHost, merged_copy, two_lora_world
 
 IMAGE = (128, 128)   # latent 16 x 16
@@ -309,6 +310,33 @@ def test_a_concept_without_a_reference_is_untouched_and_no_picture_means_no_extr
     torch.testing.assert_close(a["out"][bob_a], b["out"][bob_b], rtol=1e-5, atol=1e-5)
     alice_a, alice_b = a["rows"].find("concept", 0).rows, b["rows"].find("concept", 0).rows
     assert (a["out"][alice_a] - b["out"][alice_b]).abs().max() > 1e-3   # alice's do change
+
+
+def test_without_a_mask_the_subject_is_found_by_its_class_words_attention_while_the_reference_inverts(tmp_path):
+    """alice's class word (position 2 of her prompt) planted to dominate cells 4-9 x 3-7 in
+    every cross-attention: the subject found in the reference covers them, alike on A1111's and
+    Forge's paths, and the reference row is diluted outside that subject's grown box."""
+    planted = cells(4, 3, 9, 7)
+    found = {}
+    for path in ("a1111", "forge"):
+        (tmp_path / path).mkdir()
+        world = two_lora_world(tmp_path / path)
+        plant(world["unet"], [2], [[planted]])
+        alice = dict(name="alice", cond=world["alice_cond"], loras=[(world["alice"], 0.8)], mask=box(0, 128, 0, 64),
+                     reference=latent(7), own_class_tokens=[2])
+        plan = build_plan([alice], IMAGE, background=latent(8), start_at=0.3)
+        _, session, calls = generate(world, plan, path=path)
+        entries = list(session.inversions.entries.values())
+        found[path] = [e for e in entries if torch.equal(e["clean"], plan.concepts[0].reference)][0]["subject"]
+        grown = expanded_box(found[path], (16, 16), 0.1).bool()
+        assert 0 < int(grown.sum()) < 256
+        background = [e for e in entries if torch.equal(e["clean"], plan.background)][0]
+        call = [c for c in calls if c["rows"] is not None and c["rows"].find("reference", 0) is not None][0]
+        row = call["x"][call["rows"].find("reference", 0).start]
+        level = float(call["sigma"][0])
+        torch.testing.assert_close(row[:, ~grown], 0.8 * background[level][0][:, ~grown], rtol=1e-5, atol=1e-5)
+    assert covers(found["a1111"], planted)
+    assert torch.equal(found["a1111"], found["forge"])
 
 
 def test_sdxl_keeps_the_background_and_its_reference_rows_guide_the_concept():

@@ -67,6 +67,8 @@ class BlendSession(SessionBase):
         return forward
 
     def _attend(self, q, k, v, heads, *, cross, decoder, host, module=None):
+        if cross and self._images is not None:   # an image concept's subject found while it inverts
+            self._images.watch_cross(q, k, heads)
         if self.phase not in ("blend", "single"):
             return host(q, k, v)
         if decoder and not cross:

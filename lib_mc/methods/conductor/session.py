@@ -65,6 +65,8 @@ class ConductorSession(SessionBase):
 
     def _attend(self, q, k, v, heads, *, cross, decoder, host, module=None):
         """Forge hands over q, k, v: watched layers see them; the injection is its output patch."""
+        if cross and self._images is not None:   # an image concept's subject found while it inverts
+            self._images.watch_cross(q, k, heads)
         watcher = self._watchers.get(module)
         if watcher is not None and not cross and isinstance(self.run.call, ConductorCall):
             watcher(q, k, heads, self.run.call)

@@ -8,12 +8,15 @@ import torch
 
 from ...conds import override, rows_of
 from ...errors import EngineError
+from ...hooks.attention import is_attention
 from ...hooks.state import CallState
+from ...patcher import PatchSet
 from ...rows import RowGroup, RowPlan
 from ..branches import Part, stacked_conds
 from ..calls import CallImages
 from .dilution import diluted, expanded_box
 from .inversion import at_level, content_key, invert_levels
+from .subject import SubjectAttention
 
 
 def image_batch(session, host) -> "ImageBatch | None":
@@ -31,9 +34,8 @@ class ImageBatch:
         to_x0 = host.to_x0 or (lambda x, out, sigma: out)
         self.to_x0 = to_x0
         self.cache = session.inversions
-        self.boxes = {i: expanded_box(self.plan.concepts[i].reference_mask, self.plan.regions.latent_hw,
-                                      self.plan.options.dilution_expand) for i in self.plan.image_concepts}
         self.keys: dict[tuple, str] = {}   # ("reference", concept) / ("background", image) -> cache key
+        self.subject: SubjectAttention | None = None   # the class words' attention while references invert
 
     # ---- inversion ------------------------------------------------------------------------
 
@@ -48,20 +50,21 @@ class ImageBatch:
         the kept background of the call's image under the main prompt."""
         plan = self.plan
         host_row, image = self._prompt_row(cond, images)
-        wanted = []   # (what, clean latent (1, C, h, w), conditioning of one row)
+        wanted = []   # (what, clean latent (1, C, h, w), conditioning of one row, class word positions)
         for i in plan.image_concepts:
             concept = plan.concepts[i]
             if ("reference", i) not in self.keys:
-                wanted.append((("reference", i), concept.reference, override(host_row, concept.cond, (image,))))
+                find = concept.own_class_tokens if concept.reference_mask is None else None
+                wanted.append((("reference", i), concept.reference, override(host_row, concept.cond, (image,)), find))
         if plan.background is not None and ("background", image) not in self.keys:
             background = plan.background[min(image, plan.background.shape[0] - 1)][None]
-            wanted.append((("background", image), background, host_row))
+            wanted.append((("background", image), background, host_row, None))
         todo = []
-        for what, clean, conditioning in wanted:
-            key = content_key(clean, *conditioning.values(), extra=tuple(float(v) for v in self.schedule.levels))
+        for what, clean, conditioning, find in wanted:
+            key = content_key(clean, *conditioning.values(), extra=(tuple(float(v) for v in self.schedule.levels), find))
             self.keys[what] = key
-            if self.cache.get(key) is None and all(key != k for k, _, _ in todo):
-                todo.append((key, clean, conditioning))
+            if self.cache.get(key) is None and all(key != k for k, _, _, _ in todo):
+                todo.append((key, clean, conditioning, find))
         # at most as many rows as the host's call has (a host maps each engine row to one of its
         # rows, e.g. Forge's ControlNet residuals) and the row cap allows
         size = max(1, min(x.shape[0], plan.options.max_rows_per_call or x.shape[0]))
@@ -71,11 +74,13 @@ class ImageBatch:
     def _invert(self, model_fn, x, sigma, todo) -> None:
         session, plan = self.session, self.plan
         n = len(todo)
-        own = [c for _, _, c in todo]
+        own = [c for _, _, c, _ in todo]
         conds = stacked_conds(plan, session.context_key, own, own)
         rows = RowPlan()
         rows.add("base", n, 0)
-        clean = torch.cat([latent.to(x.device, x.dtype) for _, latent, _ in todo])
+        clean = torch.cat([latent.to(x.device, x.dtype) for _, latent, _, _ in todo])
+        finding = {row: find for row, (_, _, _, find) in enumerate(todo) if find}
+        self.subject = SubjectAttention(finding) if finding else None
 
         def evaluate(xx, level, on_path):
             levels = torch.full((n,), float(level), dtype=sigma.dtype, device=sigma.device)
@@ -89,15 +94,55 @@ class ImageBatch:
 
         def x0_of(xx, out, level):
             return self.to_x0(xx, out, torch.full((xx.shape[0],), float(level), dtype=sigma.dtype, device=sigma.device))
-        inverted = invert_levels(evaluate, clean, self.schedule, x0_of)
-        for row, (key, latent, _) in enumerate(todo):
+        try:
+            with self._watching_cross():
+                inverted = invert_levels(evaluate, clean, self.schedule, x0_of)
+            subject, self.subject = self.subject, None
+        finally:
+            self.subject = None
+        for row, (key, latent, _, find) in enumerate(todo):
             entry = {level: z[row:row + 1].detach() for level, z in inverted.items()}
             entry["clean"] = clean[row:row + 1]
+            if find:   # the subject found by its class word's attention (None: nothing recorded)
+                entry["subject"] = subject.mask(row, plan.regions)
             self.cache.put(key, entry)
+
+    def watch_cross(self, q, k, heads: int) -> None:
+        """Forge: a cross-attention's q, k during an inversion (the session's `_attend`)."""
+        if self.subject is not None:
+            self.subject.record(q, k, heads)
+
+    def _watching_cross(self):
+        """A1111: the cross-attention modules' q and k during the inversion, when a subject is found."""
+        patches = PatchSet()
+        if self.subject is None or not self.session.attention_on_modules:
+            return patches
+        for name, module in self.session.unet.named_modules():
+            if name.endswith("attn2") and is_attention(module):
+                patches.add(module, "forward", lambda original, module=module: self._cross_forward(module, original))
+        return patches
+
+    def _cross_forward(self, module, original):
+        def forward(x, context=None, *args, **kwargs):
+            out = original(x, context, *args, **kwargs)
+            if context is not None and self.subject is not None:
+                with torch.no_grad():
+                    self.subject.record(module.to_q(x), module.to_k(context), module.heads)
+            return out
+        return forward
+
+    def box(self, index: int) -> torch.Tensor:
+        """The concept's subject box grown by dilution_expand, at latent size: from its mask, else
+        the subject found in the reference, else the whole picture."""
+        concept = self.plan.concepts[index]
+        mask = concept.reference_mask
+        if mask is None:
+            mask = self.cache.get(self.keys[("reference", index)]).get("subject")
+        return expanded_box(mask, self.plan.regions.latent_hw, self.plan.options.dilution_expand)
 
     def latents(self, what) -> tuple[dict[float, torch.Tensor], torch.Tensor]:
         entry = self.cache.get(self.keys[what])
-        return {k: v for k, v in entry.items() if k != "clean"}, entry["clean"]
+        return {k: v for k, v in entry.items() if isinstance(k, float)}, entry["clean"]
 
     def at(self, what, level: float) -> torch.Tensor:
         inverted, clean = self.latents(what)
@@ -115,7 +160,7 @@ class ImageBatch:
             z_inpaint = self.at(("background", image), level)
         else:
             z_inpaint = x[row:row + 1]
-        return diluted(z_ref, z_inpaint, self.boxes[index], self.plan.options.dilution_beta)
+        return diluted(z_ref, z_inpaint, self.box(index), self.plan.options.dilution_beta)
 
     def with_references(self, parts: list[Part], model_fn, x, sigma, cond, images: CallImages) -> list[Part]:
         """The call's branch parts with one reference part (one cond row: the concept's prompt)

@@ -203,6 +203,26 @@ def test_outside_every_region_the_image_ends_exactly_on_the_kept_background(worl
     assert (free - background)[..., outside].abs().mean() > 0.1
 
 
+def test_an_eps_predicting_host_gets_the_noise_whose_x0_is_the_background(world):
+    """A1111's DDIM / PLMS / UniPC predict eps: the kept background goes back through the host's
+    own x0 formula (get_pred_x0), here x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t)."""
+    from lib_mc.methods.images.mixing import keep_outside
+    alphas = world["ldm"].alphas_cumprod
+
+    def to_x0(x, eps, t):
+        a = alphas[t.long()][:, None, None, None]
+        return (x - (1 - a).sqrt() * eps) / a.sqrt()
+    plan = plan_of(world)
+    x = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([900.0, 900.0])
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    mixed = keep_outside(plan, to_x0, eps, x, t, [0, 0])
+    outside = outside_cells(plan)
+    x0 = to_x0(x, mixed, t)
+    torch.testing.assert_close(x0[..., outside], plan.background.expand(2, -1, -1, -1)[..., outside], rtol=1e-4, atol=1e-4)
+    assert torch.equal(mixed[..., ~outside], eps[..., ~outside])
+
+
 def guided_layer_io(world, plan, alpha):
     """One decoder self-attention module's input and output in the first engine call that holds
     reference rows (blend, A1111 path) and that call's row plan."""

@@ -21,9 +21,10 @@ import a1111like
 from a1111like import A1111Sampler, img2img_processing, img2img_sample
 from lib_mc.errors import MultiConceptError
 from lib_mc.hosts import a1111, webui
+from lib_mc.plan import build_plan
 from lib_mc.reference import reference_pixels
 from test_a1111_align import TinyFirstStage, png
-from test_a1111_flow import IMAGE, drawn_plan, host_options, world  # noqa: F401
+from test_a1111_flow import IMAGE, column, drawn_plan, host_options, world  # noqa: F401
 from test_a1111_regional import counted, unpatched
 
 LATENT = (IMAGE[0] // 8, IMAGE[1] // 8)
@@ -227,6 +228,24 @@ def test_with_the_kept_background_img2img_ends_on_the_init_latent_outside_every_
     free, _, _ = img2img(world, drawn_plan(world, start_at=0.5 if mode == "blend" else 0.0, mask_refine=False),
                          mode=mode, sampler="Euler", keep_background=False)
     assert (free - p.init_latent)[..., outside].abs().mean() > 0.1
+    unpatched(world, p.sampler)
+
+
+@pytest.mark.parametrize("mode", ["blend", "conductor"])
+def test_an_image_concept_and_the_init_latent_are_inverted_over_the_levels_img2img_runs(world, mode):
+    """An image concept (its reference latent) in img2img: the host hands the method the
+    levels img2img samples (4 of 6 steps at strength 0.6), over which the reference and the
+    init latent (the background) are inverted: levels + 1 evaluations of one row each."""
+    reference = torch.randn((1, 4) + LATENT, generator=torch.Generator().manual_seed(5))
+    plan = build_plan([
+        dict(name="alice", cond=world["alice_cond"], loras=[], mask=column(0, 56), reference=reference),
+        dict(name="bob", cond=world["bob_cond"], loras=[(world["bob"], 1.0)], mask=column(72, 128)),
+    ], IMAGE, start_at=0.5 if mode == "blend" else 0.0, mask_refine=False)
+    the_job = job(mode, keep_background=True, concepts=[SimpleNamespace(reference="<png>"), SimpleNamespace(reference="")])
+    out, p, state = img2img(world, plan, mode=mode, sampler="Euler", the_job=the_job)
+    levels = len(webui.sampler_schedule(p, None, img2img=True).levels)
+    assert levels == 4 and torch.isfinite(out).all()
+    assert state.session.stats.invert_rows == 2 * (levels + 1)
     unpatched(world, p.sampler)
 
 

@@ -1,16 +1,15 @@
-"""A1111's (and Forge's) img2img step setup: how many steps the schedule has and how many of its
-last ones img2img runs (`t_enc`); the sampler then runs t_enc + 1 steps from
-sigmas[steps - t_enc - 1:]."""
+"""img2img's step setup in A1111 and Forge (`setup_img2img_steps`): the schedule's length and
+t_enc, the sampler then running the schedule's last t_enc + 1 steps (sigmas[steps - t_enc - 1:])."""
 
 from modules.shared import opts
 
 
 def setup_img2img_steps(p, steps=None):
+    """Normally the schedule has the steps asked for and img2img runs its last fraction
+    (denoising strength, below 1). With fixed steps (the option, or steps passed as the hires
+    pass does) the schedule is stretched so that the steps asked for are the ones run."""
+    strength = min(p.denoising_strength, 0.999)
     if opts.img2img_fix_steps or steps is not None:
-        requested_steps = (steps or p.steps)
-        steps = int(requested_steps / min(p.denoising_strength, 0.999)) if p.denoising_strength > 0 else 0
-        t_enc = requested_steps - 1
-    else:
-        steps = p.steps
-        t_enc = int(min(p.denoising_strength, 0.999) * steps)
-    return steps, t_enc
+        wanted = steps or p.steps
+        return (int(wanted / strength) if p.denoising_strength > 0 else 0), wanted - 1
+    return p.steps, int(strength * p.steps)

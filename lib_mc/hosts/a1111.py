@@ -91,7 +91,8 @@ def process_before_every_sampling(p, **kwargs) -> None:
 
 def _session(p, plan) -> SessionBase:
     """The job's method on this model's UNet (SDXL's context is the condition `crossattn`)."""
-    return make_session(webui.state_of(p).job.mode, p.sd_model.model.diffusion_model, plan,
+    state = webui.state_of(p)
+    return make_session(state.job.mode, p.sd_model.model.diffusion_model, plan, inversions=state.inversions,
                         context_key="crossattn" if getattr(p.sd_model, "is_sdxl", False) else "c_crossattn")
 
 

@@ -125,7 +125,7 @@ def _routed_unet(unet, state: webui.JobState, counter: webui.StepCount, plan=Non
         raise EngineError("another extension wraps Forge's UNet call (model_function_wrapper, e.g. "
                           "MultiDiffusion); Multi-Concept cannot run together with it: disable one of them")
     state.session = make_session(state.job.mode, unet.model.diffusion_model, plan or state.prepared.plan,
-                                 context_key="c_crossattn", attention_on_modules=False)
+                                 context_key="c_crossattn", attention_on_modules=False, inversions=state.inversions)
     routed = unet.clone()
     routed._multi_concept_base = unet
     install_attention(routed, state.session, attention_function)

@@ -34,6 +34,7 @@ from modules import extra_networks as host_extra_networks
 
 from ..engine import HostPass, SessionBase
 from ..patcher import PatchSet
+from ..methods.images.inversion import InversionCache
 from ..methods.schedule import SamplerSchedule
 from ..reference import reference_pixels
 from ..errors import EngineError, MultiConceptError
@@ -62,6 +63,7 @@ class JobState:
     routed_sampler: object = None                # the sampler whose sample() this batch wrapped
     reference: tuple | None = None               # (image size, the reference picture's latent): encoded once a job
     pictures: dict = field(default_factory=dict)  # prepare's encoded pictures (references, background), once a job
+    inversions: InversionCache = field(default_factory=InversionCache)   # pictures inverted by the engine, once a job
     moves: "LatentMoves" = field(default_factory=lambda: LatentMoves())   # latents the engine moved (alignment)
 
 

@@ -26,6 +26,7 @@ from ..lora.bind import bind_loras
 from ..patcher import PatchSet
 from ..plan import Plan
 from .calls import CallImages, Stats
+from .images.inversion import InversionCache
 from .schedule import SamplerSchedule
 
 
@@ -62,11 +63,13 @@ class SessionBase:
     acts_on_attention_output = False   # the host must route attention outputs to `attention_output`
 
     def __init__(self, unet: nn.Module, plan: Plan, *, context_key: str = "c_crossattn", warn=print,
-                 attention_on_modules: bool = True):
+                 attention_on_modules: bool = True, inversions: InversionCache | None = None):
         """attention_on_modules: install the attention hooks on the UNet's attention modules
         (A1111). False: the host routes its attention through `attention()` itself (Forge's
-        attention replace patches)."""
+        attention replace patches). inversions: pictures already inverted in this job (the hosts
+        make a session per batch; a picture is inverted once per job)."""
         self.unet, self.plan, self.context_key = unet, plan, context_key
+        self.inversions = inversions if inversions is not None else InversionCache()
         self.run = RunState()
         self.patches = PatchSet()
         self.stats = Stats()

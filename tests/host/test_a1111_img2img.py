@@ -364,3 +364,31 @@ def test_encode_picture_of_a_vae_under_inference_mode_is_a_plain_tensor(monkeypa
     moved = torch.zeros_like(latent, requires_grad=True)
     (latent * moved).sum().backward()   # an inference tensor cannot be saved for backward
     assert torch.equal(moved.grad, latent)
+
+
+@pytest.mark.parametrize("mode", ["blend", "conductor"])
+def test_a_second_batch_of_the_job_inverts_nothing_again(world, mode):
+    """A1111 makes a session per batch; the job's inverted pictures (the image concept's
+    reference, the init latent as background) are kept on the job, so batch 2 of the same job
+    inverts nothing (batch 1: levels + 1 rows per picture)."""
+    reference = torch.randn((1, 4) + LATENT, generator=torch.Generator().manual_seed(5))
+    plan = build_plan([
+        dict(name="alice", cond=world["alice_cond"], loras=[], mask=column(0, 56), reference=reference),
+        dict(name="bob", cond=world["bob_cond"], loras=[(world["bob"], 1.0)], mask=column(72, 128)),
+    ], IMAGE, start_at=0.5 if mode == "blend" else 0.0, mask_refine=False)
+    the_job = job(mode, keep_background=True, concepts=[SimpleNamespace(reference="<png>"), SimpleNamespace(reference="")])
+    state = webui.JobState(job=the_job)
+    state.prepared = SimpleNamespace(plan=plan, warnings=[])
+    inverted = []
+    for batch in range(2):
+        shared.opts.batch_cond_uncond = True
+        p = img2img_processing(init_latent(2), steps=6, seed=3, strength=0.6)
+        p.sd_model = SimpleNamespace(model=SimpleNamespace(diffusion_model=world["unet"]), is_sdxl=False)
+        p.sampler = A1111Sampler("Euler", world["ldm"], shared.opts)
+        p._multi_concept = state
+        out = img2img_sample(p, world["cond"].expand(2, -1, -1), world["uncond"].expand(2, -1, -1),
+                             scripts_hook=a1111.process_before_every_sampling)
+        assert torch.isfinite(out).all()
+        inverted.append(state.session.stats.invert_rows)
+    levels = len(webui.sampler_schedule(p, None, img2img=True).levels)
+    assert inverted == [2 * (levels + 1), 0]

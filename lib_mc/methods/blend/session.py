@@ -35,7 +35,6 @@ from ..branches import branch_parts, chunked, row_plan, stacked_conds
 from ..calls import CallImages
 from ..images.attention import guided_kv, make_guided_forward
 from ..images.batch import image_batch
-from ..images.inversion import InversionCache
 from ..images.mixing import background_prediction, keep_outside
 
 
@@ -54,7 +53,6 @@ class BlendSession(SessionBase):
         super().__init__(*args, **kwargs)
         self.records: dict[int, dict[tuple[bool, int], Recorded]] = {}   # evaluation -> (cond?, image) -> row
         self._refined_steps: set[int] = set()
-        self.inversions = InversionCache()   # image concepts' pictures, inverted once per job
         self._images = None                  # the batch's image concepts (sample)
 
     def _lora_forward(self, original, by_concept, module=None):

@@ -23,7 +23,6 @@ from ..branches import branch_parts, chunked, row_plan, stacked_conds
 from ..calls import CallImages
 from ..images.attention import guided_kv, make_guided_forward
 from ..images.batch import image_batch
-from ..images.inversion import InversionCache
 from ..images.mixing import keep_outside
 from .call import ConductorCall
 from .align import AlignCall, LayoutAlignment, layout_alignment, record_cross
@@ -44,7 +43,6 @@ class ConductorSession(SessionBase):
         self._alignment: LayoutAlignment | None = None   # the batch's layout alignment (a reference picture)
         self._refine_layer = refinement_layer(self.unet)   # (name, attn1): the layer mask refinement reads
         self._refined_steps: set[tuple[int, int]] = set()   # (step, image) refined
-        self.inversions = InversionCache()   # image concepts' pictures, inverted once per job
         self._images = None                  # the batch's image concepts (sample)
 
     def _lora_forward(self, original, by_concept, module=None):

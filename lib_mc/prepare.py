@@ -143,8 +143,11 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
                       auto_box=_box(spec.region), auto_tokens_per_image=auto_tokens[i][2]) \
             if i in auto_tokens else \
             dict(mask=region_mask(spec.region, image_hw, f"{where}.region"))
-        own_tokens = _own_class_tokens(spec, prompt, services, warnings) if job.mode == "regional" and job.enhance \
-            else None
+        own_tokens = None
+        if job.mode == "regional" and job.enhance:
+            own_tokens = _own_class_tokens(spec, prompt, services, warnings, ENHANCE_UNGUIDED)
+        elif spec.reference and not spec.reference_mask:   # the subject is found in the reference by this word
+            own_tokens = _own_class_tokens(spec, prompt, services, warnings, SUBJECT_UNFOUND)
         image = dict(reference=pictures.latent(spec.reference, f"{where}.reference"),
                      reference_mask=_reference_mask(spec.reference_mask, image_hw, f"{where}.reference_mask")) \
             if spec.reference else {}
@@ -303,14 +306,21 @@ def _class_tokens(job: Job, prompt: str, services: HostServices, warnings: list[
     return found
 
 
-def _own_class_tokens(spec, prompt: str, services: HostServices, warnings: list[str]) -> list[int] | None:
+ENHANCE_UNGUIDED = ("concept enhancement: concept {name!r} is not guided (give it a class word that is "
+                    "in its own prompt)")
+SUBJECT_UNFOUND = ("image concept {name!r}: without a reference mask its subject is found by its class word, "
+                   "which is not in its own prompt: the whole reference picture counts as the subject "
+                   "(give it a class word, or a reference mask)")
+
+
+def _own_class_tokens(spec, prompt: str, services: HostServices, warnings: list[str], missing: str) -> list[int] | None:
     """Positions of the concept's class word in its own prompt, whose attention concept
-    enhancement guides (a concept without one is not guided, with a warning)."""
+    enhancement guides or that finds an image concept's subject in its reference (a concept
+    without one: the `missing` warning)."""
     word = spec.class_word.strip()
     positions = services.word_positions(prompt, word) if word and hasattr(services, "word_positions") else []
     if not positions:
-        warnings.append(f"concept enhancement: concept {spec.name!r} is not guided (give it a class word that is "
-                        "in its own prompt)")
+        warnings.append(missing.format(name=spec.name))
         return None
     return positions[0]
 

@@ -117,3 +117,21 @@ def test_a_bad_reference_mask_is_named(unet, mask, problem):
     with pytest.raises(JobError, match=rf"^concepts\[0\]\.reference_mask(\.png)?: {problem}"):
         run(unet, PictureServices(), job({"name": "dog", "region": RECT, "reference": {"png": png()},
                                           "reference_mask": {"png": mask}}))
+
+
+def test_a_reference_without_a_mask_finds_its_subject_by_its_class_word(unet):
+    """The engine finds the subject in the reference by the class word's attention in the
+    concept's own prompt: its positions reach the plan; without a class word in that prompt a
+    warning names the concept (the whole picture is the subject)."""
+    prepared, _ = run(unet, PictureServices(), job({"name": "dog", "region": RECT, "reference": {"png": png()},
+                                                    "prompt": "a photo of a dog", "class_word": "dog"}))
+    assert prepared.plan.concepts[0].own_class_tokens == [5]
+    assert not prepared.warnings
+    masked, _ = run(unet, PictureServices(), job({"name": "dog", "region": RECT, "reference": {"png": png()},
+                                                  "reference_mask": {"png": left_white()},
+                                                  "prompt": "a photo of a dog", "class_word": "dog"}))
+    assert masked.plan.concepts[0].own_class_tokens is None   # the mask says where the subject is
+    unnamed, _ = run(unet, PictureServices(), job({"name": "cat", "region": RECT, "reference": {"png": png()},
+                                                   "prompt": "a photo of a cat"}))
+    assert unnamed.plan.concepts[0].own_class_tokens is None
+    assert any("image concept 'cat'" in w and "whole reference picture" in w for w in unnamed.warnings)

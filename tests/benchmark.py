@@ -28,7 +28,14 @@ each call, decoder attention injected) come with mask refinement on its default 
 without it, and with a reference latent (`conductor 2 reference`: a smooth stand-in for a VAE
 latent, inverted at the first call, the latent aligned to its keys during the default
 align_until; a line after the table splits its evaluations into the sampler's, the
-inversion's and the alignment's, and gives its peak memory as a ratio to blend 2's). A row that
+inversion's and the alignment's, and gives its peak memory as a ratio to blend 2's). Image
+concepts (PnP-MIX): `blend 2 image`, `conductor 2 image` and `blend 2 image+background` are the
+2-concept runs with every concept also an image concept (a reference latent like the one
+above, one per concept, no reference mask: the subject is found by the class word's attention
+while it inverts), the last with a kept background too, each through session.sample as a host
+samples a batch (schedule and to_x0 given); a line per image row after the table splits its
+evaluations into the sampler's, the inversions' (steps + 1 per picture, checked to run once per
+picture) and the reference rows', and gives the bytes the cached inverted latents take. A row that
 fails is reported with its error (traceback on stderr) and the others still run; the exit status
 is then 1. Peak memory is measured after all timing, in runs of its own. Then the memory one
 more row adds to a UNet call, measured and as lib_mc/memory.py estimates it, and from both the
@@ -158,6 +165,72 @@ def print_memory(measured: float, estimated: int, label: str):
 
 
 REFERENCE_ROW = "conductor 2 reference"
+IMAGE_ROWS = ("blend 2 image", "blend 2 image+background", "conductor 2 image")   # 2 image concepts each
+
+
+class ReferenceRowCounter:
+    """Counts the UNet's reference rows (image concepts) of the watched session's calls: the
+    engine's row plan of the call in flight says which rows are references."""
+
+    def __init__(self, unet):
+        self.session, self.count = None, 0
+        self.handle = unet.register_forward_pre_hook(self._hook)
+
+    def watch(self, session):
+        self.session, self.count = session, 0
+
+    def _hook(self, module, args):
+        call = self.session.run.call if self.session is not None else None
+        if call is not None:
+            self.count += len(call.reference_rows)
+
+    def remove(self):
+        self.handle.remove()
+
+
+def counting_puts(cache) -> dict[str, int]:
+    """How often each key is put into this inversion cache: one put per picture inverted."""
+    puts: dict[str, int] = {}
+    put = cache.put
+
+    def counted(key, inverted):
+        puts[key] = puts.get(key, 0) + 1
+        put(key, inverted)
+    cache.put = counted
+    return puts
+
+
+def print_images(results, images: dict, steps: int, latent_hw) -> bool:
+    """Per image row: its evaluations by kind, the inversion checked to have run once per
+    picture, and the cached inverted latents' bytes. False when a check fails."""
+    by_label = {r[0]: r for r in results}
+    ok = True
+    for label in IMAGE_ROWS:
+        if label not in images or label not in by_label:
+            continue
+        session, puts, reference_rows, pictures = images[label]
+        evals = by_label[label][3]
+        inversion = session.stats.invert_rows
+        sampler = evals - inversion - reference_rows
+        levels = [{k: v for k, v in entry.items() if isinstance(k, float)} for entry in session.inversions.entries.values()]
+        level_bytes = sum(t.numel() * t.element_size() for entry in levels for t in entry.values())
+        clean_bytes = sum(e["clean"].numel() * e["clean"].element_size() for e in session.inversions.entries.values())
+        once = len(puts) == pictures and set(puts.values()) == {1} and inversion == pictures * (steps + 1)
+        ok = ok and once
+        plain_twin = label.replace(" image+background", "").replace(" image", "")
+        twin = by_label.get(plain_twin)
+        print(f"\n{label}: {evals} UNet evals = {sampler} of the sampler's calls"
+              f"{f' (as {plain_twin})' if twin and twin[3] == sampler else ''} + {inversion} of the inversions "
+              f"({pictures} pictures x ({steps} levels + 1), cond rows, no LoRA) + {reference_rows} reference rows "
+              f"(one per image concept in each call that holds its rows)")
+        print(f"  inversion: {'once per picture' if once else 'CHECK FAILED: not once per picture'} "
+              f"({len(puts)} pictures put in the cache, {max(puts.values(), default=0)} time(s) each at most, "
+              f"{inversion} rows)")
+        size = 4 * latent_hw[0] * latent_hw[1] * 4
+        print(f"  cached inverted latents: {len(levels)} pictures x {len(levels[0]) if levels else 0} levels x "
+              f"{size} B (4 x {latent_hw[0]} x {latent_hw[1]} float32) = {level_bytes} B, "
+              f"+ {clean_bytes} B of the clean latents")
+    return ok
 
 
 def reference_latent(latent_hw, seed: int = 7) -> torch.Tensor:
@@ -293,7 +366,7 @@ def main(argv=None):
         networks.append(load_network(path))
     progress(f"built {model.description} on {device}; {len(networks)} LoRA files of {layers} layers")
 
-    def plan_for(n, auto=False, **options):
+    def plan_for(n, auto=False, images=False, background=False, **options):
         if auto:   # concept i watches context token 1 + i of the base prompt
             return build_plan([dict(cond=context(10 + i), loras=[(networks[i], 0.8)], auto_tokens=[1 + i])
                                for i in range(n)], (args.size, args.size), start_at=args.start_at)
@@ -302,10 +375,12 @@ def main(argv=None):
             mask = torch.zeros(args.size, args.size)
             mask[:, i * args.size // n:(i + 1) * args.size // n] = 1
             masks.append(mask)
-        # class word of concept i: context token 1 + i (only re-initialisation and enhancement read it)
+        # class word of concept i: context token 1 + i (re-initialisation, enhancement and an image
+        # concept's subject found without a reference mask read it)
+        pictures = [dict(reference=reference_latent(latent_hw, seed=20 + i)) if images else {} for i in range(n)]
         return build_plan([dict(cond=context(10 + i), loras=[(networks[i], 0.8)], mask=masks[i],
-                                class_tokens=[1 + i], own_class_tokens=[1 + i]) for i in range(n)],
-                          (args.size, args.size),
+                                class_tokens=[1 + i], own_class_tokens=[1 + i], **pictures[i]) for i in range(n)],
+                          (args.size, args.size), background=reference_latent(latent_hw, seed=30) if background else None,
                           **{"start_at": args.start_at, **options})
 
     def session_for(mode, plan):
@@ -357,13 +432,37 @@ def main(argv=None):
             initial=initial, replay_noise=lambda: None, reference=reference_latent(latent_hw).to(device),
             schedule=SamplerSchedule(host.inner.get_sigmas(args.steps)), latent_moved=moved.update))
 
+    images = {}   # image row label -> (its session, puts per cache key, reference rows, pictures)
+
+    def image_concepts(mode, n=2, background=False, label=None, inversions=None):
+        """n concepts, each also an image concept, through session.sample as a host samples a
+        batch (schedule and to_x0 given; k-diffusion's denoiser outputs x0); blend from its start
+        step, conductor from the first. inversions: the job's cache of an earlier batch."""
+        plan = plan_for(n, images=True, background=background,
+                        **({"start_at": 0.0} if mode == "conductor" else {}))
+        session = make_session(mode, unet, plan, context_key=model.context_key, inversions=inversions)
+        puts = counting_puts(session.inversions)
+        references.watch(session)
+        host.route = session.denoise
+        initial = torch.randn((1, 4) + latent_hw, generator=torch.Generator().manual_seed(0))
+        out = session.sample(HostPass(
+            sample=lambda noise: run_sampler(host, args.steps, latent_hw, device, initial=noise),
+            initial=initial, replay_noise=lambda: initial, to_x0=lambda x, denoised, sigma: denoised,
+            schedule=SamplerSchedule(host.inner.get_sigmas(args.steps))))
+        images[label] = (session, puts, references.count, n + (1 if background else 0))
+        references.watch(None)
+        return out
+
     plain()  # warm-up
     rows = count_unet_rows(unet)
+    references = ReferenceRowCounter(unet)
     results = []
     runs = [("plain", 0, "plain", plain)]
     if "blend" in modes:
         runs += [(f"blend {n}", n, "blend", (lambda n=n: two_stage(n))) for n in counts]
         runs += [(f"blend {n} auto", n, "blend", (lambda n=n: two_stage(n, auto=True))) for n in auto_counts]
+        runs += [(IMAGE_ROWS[0], 2, "blend image", lambda: image_concepts("blend", label=IMAGE_ROWS[0])),
+                 (IMAGE_ROWS[1], 2, "blend image", lambda: image_concepts("blend", background=True, label=IMAGE_ROWS[1]))]
     if "regional" in modes:
         runs += [(f"regional {n}", n, "regional", (lambda n=n: regional(n))) for n in counts]
         runs += [("regional 2 no isolation", 2, "regional", lambda: regional(2, isolation=False)),
@@ -372,7 +471,8 @@ def main(argv=None):
     if "conductor" in modes:
         runs += [(f"conductor {n}", n, "conductor", (lambda n=n: conductor(n))) for n in counts]
         runs += [("conductor 2 no refinement", 2, "conductor", lambda: conductor(2, mask_refine=False)),
-                 (REFERENCE_ROW, 2, "conductor", lambda: conductor(2, reference=True, label=REFERENCE_ROW))]
+                 (REFERENCE_ROW, 2, "conductor", lambda: conductor(2, reference=True, label=REFERENCE_ROW)),
+                 (IMAGE_ROWS[2], 2, "conductor image", lambda: image_concepts("conductor", label=IMAGE_ROWS[2]))]
     plain_times = []
     not_finite = []
     failed = {}   # label -> the error: a row that fails is reported, the others still run
@@ -415,7 +515,13 @@ def main(argv=None):
             fn()
         result[5] = memory.extra_mb
         progress(f"memory {result[0]}: peak {memory.extra_mb:.1f} MB above the model")
+    second_batch = None   # a job's second batch: the first batch's pictures are not inverted again
+    if IMAGE_ROWS[1] in images:
+        rows.count = 0
+        image_concepts("blend", background=True, label="batch 2", inversions=images[IMAGE_ROWS[1]][0].inversions)
+        second_batch = (rows.count, images.pop("batch 2"))
     rows.remove()
+    references.remove()
     host.route = None
 
     plain_evals = 2 * args.steps
@@ -446,6 +552,15 @@ def main(argv=None):
         print(f"{label:<25}FAILED {error}")
     if REFERENCE_ROW in stats and REFERENCE_ROW not in failed:
         print_alignment(results, stats[REFERENCE_ROW], align_name=alignment_layer(unet)[0], steps=args.steps)
+    images_ok = print_images(results, images, args.steps, latent_hw)
+    if second_batch is not None:
+        evals, (session, puts, reference_rows, _) = second_batch
+        again = session.stats.invert_rows
+        images_ok = images_ok and again == 0 and not puts
+        print(f"{IMAGE_ROWS[1]}, a second batch of the same job (the first batch's inversion cache, as the hosts "
+              f"keep it per job): {evals} UNet evals, {again} of the inversions"
+              f"{'' if again == 0 and not puts else ' CHECK FAILED: pictures inverted again'}, "
+              f"{reference_rows} reference rows")
     if not_finite:
         print(f"(non-finite values in the final latents of: {', '.join(not_finite)}; random weights in "
               f"{'fp16' if device.type == 'cuda' else 'float32'} can overflow, the timings still hold)")
@@ -456,7 +571,7 @@ def main(argv=None):
         estimated = estimate_bytes_per_row(model.shape, latent_hw, 2 if device.type == "cuda" else 4)
         print_memory(measured, estimated, f"{args.size}x{args.size} (calls of {batches[0]} and {batches[1]} rows, "
                                           f"{'fp16 autocast' if device.type == 'cuda' else 'float32'})")
-    return 1 if failed else 0
+    return 1 if failed or not images_ok else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """tests/benchmark.py end to end at tiny CPU sizes: the SD1.5 layout with every mode's rows, and
 SDXL's layout (the real sgm UNet, its {"crossattn", "vector"} conditioning, kohya SDXL LoRA
-keys) with the conductor rows, the reference's alignment included. Both run in one
+keys) with the conductor rows, the reference's alignment and image concepts included. Both run in one
 process of their own: the benchmark patches the attention classes and the allocator for the
 whole process."""
 
@@ -61,6 +61,26 @@ def check_reference_row(output: str, counts: dict[str, int], layer: str, blend: 
     assert re.search(ratio, output), output
 
 
+def check_image_row(output: str, counts: dict[str, int], label: str, twin: str, pictures: int,
+                    reference_rows: int, latent_side: int = 8) -> None:
+    """The image row's split: the sampler's rows as its LoRA-only twin's, each picture inverted
+    once (steps + 1 rows), one reference row per image concept and call, and the cache's bytes."""
+    found = re.search(re.escape(label) + r": (\d+) UNet evals = (\d+) of the sampler's calls.*? \+ (\d+) of the "
+                      r"inversions \((\d+) pictures .*? \+ (\d+) reference rows", output)
+    assert found, output
+    total, sampler, inversion, shown_pictures, references = (int(g) for g in found.groups())
+    assert total == counts[label] == sampler + inversion + references
+    assert sampler == counts[twin]
+    assert shown_pictures == pictures and inversion == pictures * (STEPS + 1)
+    assert references == reference_rows
+    block = output.split(f"\n{label}: ", 1)[1]
+    assert re.match(r".*\n  inversion: once per picture \(%d pictures put in the cache, 1 time\(s\) each" % pictures,
+                    block), block
+    latent = 4 * latent_side * latent_side * 4   # float32
+    cached = re.search(r"cached inverted latents: (\d+) pictures x (\d+) levels x (\d+) B .*? = (\d+) B", block)
+    assert cached and [int(g) for g in cached.groups()] == [pictures, STEPS, latent, pictures * STEPS * latent], block
+
+
 def test_sd15_layout_every_mode(outputs):
     sd, _ = outputs
     counts = evals(sd)
@@ -72,6 +92,15 @@ def test_sd15_layout_every_mode(outputs):
     # from the first step, the base rows and each concept's rows for each of the host's 2 rows
     assert counts["conductor 2"] == counts["conductor 2 no refinement"] == 3 * 2 * STEPS
     check_reference_row(sd, counts, "output_blocks.3.1.transformer_blocks.0.attn1")
+    # 2 image concepts: blend's one blended call (step 1 of 2) and conductor's 2 calls hold one
+    # reference row per concept; the kept background is a third picture to invert
+    check_image_row(sd, counts, "blend 2 image", "blend 2", pictures=2, reference_rows=2 * (STEPS - 1))
+    check_image_row(sd, counts, "blend 2 image+background", "blend 2", pictures=3, reference_rows=2 * (STEPS - 1))
+    check_image_row(sd, counts, "conductor 2 image", "conductor 2", pictures=2, reference_rows=2 * STEPS)
+    # the job's second batch finds all 3 pictures in the job's cache: the sampler's and reference rows only
+    second = re.search(r"blend 2 image\+background, a second batch of the same job .*?: (\d+) UNet evals, (\d+) of "
+                       r"the inversions, (\d+) reference rows", sd)
+    assert second and [int(g) for g in second.groups()] == [counts["blend 2"] + 2 * (STEPS - 1), 0, 2 * (STEPS - 1)], sd
     assert "FAILED" not in sd
 
 
@@ -83,9 +112,11 @@ def test_sdxl_layout(outputs):
     assert "SDXL layout (sgm)" in xl and "on 722 layers" in xl
     assert counts["plain"] == 2 * STEPS
     assert counts["conductor 2"] == 3 * 2 * STEPS
-    assert set(counts) == {"plain", "conductor 2", "conductor 2 no refinement", "conductor 2 reference"}
+    assert set(counts) == {"plain", "conductor 2", "conductor 2 no refinement", "conductor 2 reference",
+                           "conductor 2 image"}
     # SDXL's alignment layer: the fifth transformer of output block 1 (needs the 10-deep level)
     check_reference_row(xl, counts, "output_blocks.1.1.transformer_blocks.4.attn1", blend=False)
+    check_image_row(xl, counts, "conductor 2 image", "conductor 2", pictures=2, reference_rows=2 * STEPS)
     assert re.search(r"memory per UNet row, 64x64 \(calls of 2 and 3 rows", xl)
 
 

@@ -355,7 +355,8 @@ def reference_latent(p, state: JobState) -> torch.Tensor | None:
         model = p.sd_model
         with torch.no_grad(), devices.autocast():
             encoded = model.encode_first_stage(pixels)
-            latent = model.get_first_stage_encoding(encoded.mode() if hasattr(encoded, "mode") else encoded)
+            # a tensor is the latent already (Forge, sgm's SDXL): torch.Tensor.mode is the statistic, no posterior
+            latent = model.get_first_stage_encoding(encoded if torch.is_tensor(encoded) else encoded.mode())
         state.reference = (size, latent.detach().float())
     return state.reference[1]
 

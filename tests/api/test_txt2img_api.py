@@ -2,6 +2,7 @@
 
 import base64
 import concurrent.futures
+import hashlib
 import io
 import json
 import time
@@ -211,3 +212,89 @@ def test_regional_with_hires_fix(webui, lora_names):
     mixed, base = pixels(response.json()["images"][0]), pixels(plain.json()["images"][0])
     assert mixed.shape == base.shape == (192, 192, 3)
     assert differs(mixed, base, slice(None, 96)) and differs(mixed, base, slice(96, None))
+
+
+# ---- conductor mode (concept injection): tiny images, the same drawn halves --------------------
+
+CONDUCTOR_OPTIONS = {"mask_refine_k": 3, "mask_refine_until": 0.5, "align_step": 20}   # none a default
+
+
+def conductor(loras, **top):
+    """The two drawn concepts with identity words: the left one keeps its own prompt (the prompt
+    wins), the right one has none, so its branch takes the main prompt's variant."""
+    job = two_concepts(loras, **{"mode": "conductor", **CONDUCTOR_OPTIONS, **top})
+    del job["start_at"]   # drawn regions: the mode's default, from the first step
+    job["concepts"][0]["token"] = "bob man"
+    job["concepts"][1]["token"] = "alice woman"
+    job["concepts"][1]["prompt"] = ""
+    return job
+
+
+def reference_png() -> str:
+    """A base64 PNG picture: a grey gradient with a dark blob on the left and a bright one on the right."""
+    yy, xx = np.mgrid[0:128, 0:128]
+    picture = np.repeat((64 + xx // 2)[..., None], 3, axis=2).astype(np.uint8)
+    picture[(xx - 36) ** 2 + (yy - 70) ** 2 < 24 ** 2] = (20, 30, 120)
+    picture[(xx - 94) ** 2 + (yy - 56) ** 2 < 20 ** 2] = (240, 200, 60)
+    buffer = io.BytesIO()
+    Image.fromarray(picture).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def conductor_runs(webui, lora_names):
+    """One plain, conductor, blend (the same job) and conductor-with-reference image, in that order."""
+    runs = {}
+    for name, payload in (("plain", {}), ("conductor", with_job(conductor(lora_names))),
+                          ("blend", with_job(conductor(lora_names, mode="blend"))),
+                          ("reference", with_job(conductor(lora_names, reference=reference_png())))):
+        started = time.monotonic()
+        response = txt2img(webui, **TINY, **payload)
+        print(f"{name}: HTTP {response.status_code} in {time.monotonic() - started:.0f} s")
+        assert response.status_code == 200, (name, response.text[:2000])
+        runs[name] = response
+    return runs
+
+
+def test_conductor_differs_from_plain_and_blend_and_its_infotext_holds_its_options_and_tokens(conductor_runs):
+    image = {name: pixels(response.json()["images"][0]) for name, response in conductor_runs.items()}
+    assert image["conductor"].shape == image["plain"].shape == (128, 128, 3)
+    # the LoRAs act in both halves (each half its concept), and not as blend's pasted branches do
+    assert differs(image["conductor"], image["plain"], slice(None, 64))
+    assert differs(image["conductor"], image["plain"], slice(64, None))
+    assert differs(image["conductor"], image["blend"])
+    job = multi_concept_info(conductor_runs["conductor"])
+    assert job["mode"] == "conductor" and "start_at" not in job   # drawn regions: the default, from step 0
+    assert {key: job.get(key) for key in CONDUCTOR_OPTIONS} == CONDUCTOR_OPTIONS
+    assert [c.get("token") for c in job["concepts"]] == ["bob man", "alice woman"]
+    blend = multi_concept_info(conductor_runs["blend"])
+    assert "mode" not in blend and "mask_refine_k" not in blend   # blend, the default; conductor's option left out
+
+
+def test_conductor_concept_with_identity_words_and_no_prompt_shows_its_prompt_variant(conductor_runs):
+    left, right = multi_concept_info(conductor_runs["conductor"])["concepts"]
+    assert right["variant"] == "a alice woman and a alice woman on a beach", right
+    assert "prompt" not in right
+    assert "variant" not in left and left["prompt"] == "photo of a man"   # its own prompt wins
+
+
+def test_conductor_with_a_reference_picture_changes_the_image_and_reports_no_error(conductor_runs):
+    response = conductor_runs["reference"]
+    infotext = json.loads(response.json()["info"])["infotexts"][0]
+    assert "Multi-Concept warnings" not in infotext, infotext
+    job = multi_concept_info(response)
+    sent = reference_png()
+    assert job["reference_sha"] == hashlib.sha256(sent.encode("ascii")).hexdigest()[:12]
+    assert Image.open(io.BytesIO(base64.b64decode(job["reference"]))).size == (96, 96)   # its small copy
+    aligned, unaligned = (pixels(conductor_runs[name].json()["images"][0]) for name in ("reference", "conductor"))
+    assert differs(aligned, unaligned)
+
+
+def test_conductor_bad_reference_is_named_and_the_next_plain_image_is_bit_identical(webui, lora_names, conductor_runs):
+    for bad in ("not an image", base64.b64encode(b"GIF89a but not really a picture").decode()):
+        response = txt2img(webui, **TINY, **with_job(conductor(lora_names, reference=bad)))
+        assert response.status_code >= 400, response.text[:500]
+        assert "reference" in response.text and "cannot be decoded" in response.text, response.text[:500]
+    after = txt2img(webui, **TINY)
+    assert after.status_code == 200, after.text
+    assert np.array_equal(pixels(after.json()["images"][0]), pixels(conductor_runs["plain"].json()["images"][0]))

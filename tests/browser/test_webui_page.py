@@ -16,8 +16,8 @@ import pathlib
 
 import pytest
 
-from panel_page import (MAX_HEIGHT, PANEL, edit_every_kind_of_control, job_in_page, open_panel, panel_height,
-                        show_tab, start_box, wait_for_job, wait_until)
+from panel_page import (MAX_HEIGHT, PANEL, edit_every_kind_of_control, fill_number, job_in_page, mask_png_file,
+                        open_panel, panel_height, pick, show_tab, start_box, wait_for_job, wait_until)
 
 ADDRESS_VARIABLE = "MULTI_CONCEPT_WEBUI_PAGE"
 CONFIG_VARIABLE = "MULTI_CONCEPT_WEBUI_UI_CONFIG"
@@ -87,6 +87,36 @@ def test_every_kind_of_control_reaches_the_job_and_no_edit_rewrites_another_conc
     }""")
     job, _ = edit_every_kind_of_control(webui, tmp_path, choices[0] if choices else None)
     assert job["enabled"] and job["hires_loras"] is False and job["concepts"][1]["class_word"] == "man"
+
+
+CONDUCTOR_CONTROLS = ("mask_refine", "mask_refine_from", "mask_refine_until", "mask_refine_every", "mask_refine_k",
+                      "reference", "align_until", "align_step")
+
+
+def test_conductor_mode_shows_its_options_and_they_reach_the_job(webui, tmp_path):
+    """Mode offers conductor; its options (each label says "(conductor)") and the reference
+    upload sit in the folded Options; an option, a picture and identity words reach the job."""
+    modes = webui.evaluate("""() => {
+        const config = window.gradio_config.components.find((c) => c.props.elem_id === 'multi_concept_mode');
+        return (config.props.choices || []).map((c) => Array.isArray(c) ? c[0] : c);
+    }""")
+    assert "conductor" in modes, modes
+    pick(webui, "multi_concept_mode", "conductor")
+    wait_for_job(webui, "job.mode === 'conductor'")
+    webui.locator(f"{PANEL}_options .label-wrap").first.click()
+    for name in CONDUCTOR_CONTROLS:
+        control = webui.locator(f"{PANEL}_{name}")
+        control.wait_for(state="visible")
+        assert "(conductor)" in control.inner_text(), (name, control.inner_text())
+    fill_number(webui, "multi_concept_mask_refine_k", 3)
+    wait_for_job(webui, "job.mask_refine_k === 3")
+    picture, _ = mask_png_file(tmp_path)
+    webui.locator(f"{PANEL}_reference input[type=file]").set_input_files(picture)
+    wait_for_job(webui, "job.mode === 'conductor' && job.reference.length > 100")
+    show_tab(webui, 1)
+    webui.fill(f"{PANEL}_token_1 textarea", "alice woman")
+    wait_for_job(webui, "job.concepts[1].token === 'alice woman' && job.reference.length > 100")
+    webui.locator(f"{PANEL}_class_1").wait_for(state="visible")   # identity words replace the class word
 
 
 def test_the_panel_as_pictured(webui):

@@ -126,6 +126,21 @@ def test_without_a_reference_nothing_is_encoded_and_the_image_is_the_same(world)
     unpatched(world, p.sampler)
 
 
+def test_a_vae_that_returns_the_latent_itself_is_taken_as_it_is():
+    """Forge's and sgm's (SDXL) encode_first_stage return the scaled latent as a tensor and
+    get_first_stage_encoding is the identity; a tensor's .mode() is torch.mode, not a posterior."""
+    first_stage = TinyFirstStage()
+    scaled = lambda pixels: first_stage.get_first_stage_encoding(   # noqa: E731
+        TinyFirstStage.encode_first_stage(first_stage, pixels).mode())
+    p = SimpleNamespace(width=IMAGE[1], height=IMAGE[0],
+                        sd_model=SimpleNamespace(encode_first_stage=scaled, get_first_stage_encoding=lambda z: z))
+    state = webui.JobState(job=SimpleNamespace(mode="conductor", reference=png()))
+    latent = webui.reference_latent(p, state)
+    with torch.no_grad():
+        expected = scaled(reference_pixels(png(), IMAGE))
+    assert latent.shape == (1, 4, IMAGE[0] // 8, IMAGE[1] // 8) and torch.equal(latent, expected)
+
+
 def test_reference_pixels_are_cropped_not_stretched_and_transparency_is_white():
     pixels = reference_pixels(png(200, 100), (64, 64))   # 2:1 scaled to cover 64 x 64: the middle 100 x 100
     assert pixels.shape == (1, 3, 64, 64) and pixels.min() >= -1 and pixels.max() <= 1

@@ -25,9 +25,9 @@ def placed_ops(ops_by_concept: dict[int, list]):
     placed: dict[tuple, dict[int, list]] = {}
 
     def ops_for(x):
-        key = (x.device, compute_dtype(x))
+        key = (x.device, compute_dtype(x), torch.is_inference_mode_enabled())
         if key not in placed:
-            placed[key] = {c: [op.to(*key) for op in ops] for c, ops in ops_by_concept.items()}
+            placed[key] = {c: [op.to(*key[:2]) for op in ops] for c, ops in ops_by_concept.items()}
         return placed[key]
     return ops_for
 

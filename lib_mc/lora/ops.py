@@ -23,9 +23,9 @@ class RowOp:
 
     def to(self, device, dtype) -> "RowOp":
         placed = self.__dict__.setdefault("_placed", {})
-        key = (torch.device(device), dtype or self.dtype)
+        key = (torch.device(device), dtype or self.dtype, torch.is_inference_mode_enabled())
         if key not in placed:
-            placed[key] = self._place(*key)
+            placed[key] = self._place(*key[:2])
         return placed[key]
 
     def _place(self, device, dtype) -> "RowOp":
@@ -37,7 +37,12 @@ class RowOp:
 
 
 def _move(t, device, dtype):
-    return None if t is None else t.to(device=device, dtype=dtype)
+    if t is None:
+        return None
+    moved = t.to(device=device, dtype=dtype)
+    # a LoRA loaded inside Forge's inference mode holds inference tensors, which a gradient
+    # pass (outside inference mode) may not save for its backward: a normal copy for it
+    return moved.clone() if moved.is_inference() and not torch.is_inference_mode_enabled() else moved
 
 
 class Layer:

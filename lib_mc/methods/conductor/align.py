@@ -25,6 +25,7 @@ import torch
 import torch.utils.checkpoint
 
 from ...errors import EngineError
+from ...hooks.inference_weights import inference_weight_patches
 from ...patcher import PatchSet
 from ...plan import _fraction_to_step
 from ...rows import RowPlan
@@ -143,6 +144,7 @@ class LayoutAlignment:
         self.session, self.host, self.schedule = session, host, host.schedule
         self.name, self.module = alignment_layer(session.unet)
         self.checkpointed = checkpointed_blocks(session.unet, self.module)
+        self.weight_copies = inference_weight_patches(session.unet)   # Forge's inference-mode weights
         self.until = plan.options.align_until
         self.step_size = step_size(plan.options.align_step, is_sdxl_like(session.unet))
         self.keep = kept_levels(self.schedule, self.until) if self.until > 0 else set()
@@ -281,7 +283,7 @@ class LayoutAlignment:
         run = self.session.run
         run.call = call
         try:
-            with self.checkpointed:
+            with self.checkpointed, self.weight_copies:
                 try:
                     model_fn(latent, levels, conds)
                 except KeysCaptured:

@@ -71,7 +71,7 @@ def make_regional_lora_forward(original, ops_by_concept: dict[int, list], run: R
     stacks: dict[tuple, _Stacked | None] = {}
 
     def stacked_for(x):
-        key = (x.device, x.dtype)
+        key = (x.device, x.dtype, torch.is_inference_mode_enabled())
         if key not in stacks:
             stacks[key] = _Stacked.of(ops_for(x))
         return stacks[key]

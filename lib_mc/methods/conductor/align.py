@@ -25,7 +25,7 @@ import torch
 import torch.utils.checkpoint
 
 from ...errors import EngineError
-from ...hooks.inference_weights import inference_weight_patches
+from ...hooks.grad_pass import gradient_pass_patches
 from ...patcher import PatchSet
 from ...plan import _fraction_to_step
 from ...rows import RowPlan
@@ -144,7 +144,7 @@ class LayoutAlignment:
         self.session, self.host, self.schedule = session, host, host.schedule
         self.name, self.module = alignment_layer(session.unet)
         self.checkpointed = checkpointed_blocks(session.unet, self.module)
-        self.weight_copies = inference_weight_patches(session.unet)   # Forge's inference-mode weights
+        self.grad_pass = gradient_pass_patches(session.unet)   # Forge's inference-mode weights, in-place adds
         self.until = plan.options.align_until
         self.step_size = step_size(plan.options.align_step, is_sdxl_like(session.unet))
         self.keep = kept_levels(self.schedule, self.until) if self.until > 0 else set()
@@ -283,7 +283,7 @@ class LayoutAlignment:
         run = self.session.run
         run.call = call
         try:
-            with self.checkpointed, self.weight_copies:
+            with self.checkpointed, self.grad_pass:
                 try:
                     model_fn(latent, levels, conds)
                 except KeysCaptured:
@@ -318,5 +318,15 @@ def _checkpointed(original):
         kwargs = {k: (dict(v) if isinstance(v, dict) else v) for k, v in kwargs.items()}
         if not torch.is_grad_enabled():
             return original(*args, **kwargs)
-        return torch.utils.checkpoint.checkpoint(original, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(_on_copies(original), *args, use_reentrant=False, **kwargs)
     return forward
+
+
+def _on_copies(original):
+    """Forge's blocks add to their input in place (`x += n`): the block gets a copy, so the
+    input the checkpoint keeps for the rerun stays as it came."""
+    def run(*args, **kwargs):
+        args = tuple(a.clone() if torch.is_tensor(a) and a.requires_grad else a for a in args)
+        kwargs = {k: (v.clone() if torch.is_tensor(v) and v.requires_grad else v) for k, v in kwargs.items()}
+        return original(*args, **kwargs)
+    return run

@@ -19,7 +19,7 @@ import torch
 from ...auto.attention_maps import AttentionRecorder
 from ...conds import cat_conds, override, rows_of
 from ...errors import EngineError
-from ...hooks.inference_weights import inference_weight_patches
+from ...hooks.grad_pass import gradient_pass_patches
 from ...plan import Conditioning, _fraction_to_step
 from ..base import HostPass, SessionBase
 from ..calls import CallImages
@@ -43,7 +43,7 @@ class RegionalSession(SessionBase):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._weight_copies = inference_weight_patches(self.unet)   # Forge's inference-mode weights (enhancement)
+        self._grad_pass = gradient_pass_patches(self.unet)   # Forge's inference-mode weights, in-place adds (enhancement)
         self._context_layers = {layer for name, m in self.unet.named_modules() if name.endswith("attn2")
                                 for layer in (getattr(m, "to_k", None), getattr(m, "to_v", None)) if layer is not None}
         self._enhance_losses: dict[int, float] = {}   # step -> loss (the guidance stops once it rises)
@@ -162,7 +162,7 @@ class RegionalSession(SessionBase):
         call = RegionalCall(self.plan, list(images), self._contexts(cond, CallImages(images, ())),
                             isolate=self._isolating(step, total_steps), capture=capture)
         try:
-            with torch.inference_mode(False), torch.enable_grad(), self._weight_copies:
+            with torch.inference_mode(False), torch.enable_grad(), self._grad_pass:
                 latent = x.detach().clone().requires_grad_(True)
                 self.run.call = call
                 try:

@@ -10,8 +10,11 @@ import torch
 
 import test_conductor_align as align_tests
 import test_regional_enhance as enhance_tests
+from k_diffusion.external import CompVisDenoiser
 from ldm.modules.attention import BasicTransformerBlock
-from tinyhost import two_lora_world
+
+from lib_mc.engine import make_session
+from tinyhost import CFGHost, sample, two_lora_world
 
 
 class InPlaceResidualBlock(BasicTransformerBlock):
@@ -62,12 +65,32 @@ def test_layout_alignment_runs_on_inference_weights_as_on_normal_ones(worlds):
     assert all(torch.equal(after[n], before[n]) and inference["unet"].get_parameter(n).is_inference() for n in before)
 
 
+class ForgeLikeDenoiser(CompVisDenoiser):
+    """Forge's eps prediction: x0 = x - eps * sigma with the very sigma the sampler passed (a
+    tensor made in inference mode), which autograd saves for the backward."""
+
+    def forward(self, x, sigma, **kwargs):
+        c_in = 1 / (sigma ** 2 + 1) ** 0.5
+        eps = self.get_eps(x * c_in[:, None, None, None], self.sigma_to_t(sigma), **kwargs)
+        return x - eps * sigma[:, None, None, None]
+
+
+def enhanced(world, forge_like_denoiser=False, steps=4):
+    session = make_session("regional", world["unet"], enhance_tests.plan_of(world))
+    host = CFGHost(world["ldm"], world["cond"], world["uncond"])
+    if forge_like_denoiser:
+        host.inner = ForgeLikeDenoiser(world["ldm"])
+    host.route = session.denoise
+    with session.single_pass():
+        return sample(host, steps=steps), session
+
+
 def test_concept_enhancement_runs_on_inference_weights_as_on_normal_ones(worlds):
     normal, inference = worlds
-    expected, session = enhance_tests.run(normal, enhance_tests.plan_of(normal))
+    expected, session = enhanced(normal)
     assert session.stats.enhance_rows > 0
     with torch.inference_mode():
-        out, session = enhance_tests.run(inference, enhance_tests.plan_of(inference))
+        out, session = enhanced(inference, forge_like_denoiser=True)
     assert session.stats.enhance_rows > 0
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert align_tests.unpatched(inference["unet"])

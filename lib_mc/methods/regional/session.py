@@ -164,6 +164,9 @@ class RegionalSession(SessionBase):
         try:
             with torch.inference_mode(False), torch.enable_grad(), self._grad_pass:
                 latent = x.detach().clone().requires_grad_(True)
+                # normal copies of what the host made in inference mode: Forge multiplies the
+                # output by the sigma it is given, which autograd then saves
+                sigma, cond = sigma.clone(), {k: v.clone() for k, v in cond.items()}
                 self.run.call = call
                 try:
                     model_fn(latent, sigma, cond)

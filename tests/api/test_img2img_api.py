@@ -62,6 +62,9 @@ def test_the_script_is_listed_for_img2img(webui):
 
 
 def test_disabled_img2img_is_plain_img2img(webui):
+    # a freshly started A1111's first img2img differs from every later one (0.7 of 255 on average,
+    # no extension involved: seen on this CPU): compare warm runs
+    assert img2img(webui).status_code == 200
     plain = img2img(webui)
     assert plain.status_code == 200, plain.text
     disabled = img2img(webui, **with_job({"enabled": False, "concepts": []}))

@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 import requests
 from PIL import Image, ImageDraw
 
@@ -115,3 +116,20 @@ def test_inpainting_with_concepts_keeps_what_the_mask_keeps(webui, lora_names):
 def test_a_bad_img2img_job_names_the_problem(webui, lora_names):
     response = img2img(webui, **with_job(thirds(lora_names, start_at=2)))
     assert response.status_code >= 400 and "start_at" in response.text
+
+
+@pytest.mark.parametrize("mode", ["blend", "conductor"])
+def test_an_image_concept_with_a_kept_background_in_txt2img(webui, lora_names, mode):
+    """txt2img with an image concept (its reference picture, the subject found by its class word)
+    and a kept background picture: no error or warning, and the reference changes the image."""
+    from test_txt2img_api import TINY, txt2img
+    job = thirds(lora_names, mode=mode, background={"png": init_picture()})
+    plain_job = json.loads(json.dumps(job))
+    job["concepts"][0].update(reference={"png": init_picture()}, class_word="man")
+    with_reference = txt2img(webui, **TINY, **with_job(job))
+    assert with_reference.status_code == 200, with_reference.text[:2000]
+    info = json.loads(with_reference.json()["info"])["infotexts"][0]
+    assert "Multi-Concept warnings" not in info, info
+    without = txt2img(webui, **TINY, **with_job(plain_job))
+    assert without.status_code == 200, without.text[:2000]
+    assert difference(pixels(with_reference.json()["images"][0]), pixels(without.json()["images"][0])) > 0.5

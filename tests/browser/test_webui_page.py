@@ -192,3 +192,16 @@ def test_saved_ui_defaults_come_back_into_the_options_and_never_into_the_concept
     finally:
         pathlib.Path(path).write_text(original, encoding="utf8")
         reload_ui(webui, address)
+
+
+def test_the_img2img_tab_has_a_panel_of_its_own(webui):
+    """The panel built a second time for img2img: its own ids, job box and region canvas in the
+    img2img tab of the real page, beside txt2img's."""
+    page = webui
+    page.locator("#tabs button", has_text="img2img").first.click()
+    panel = page.locator("#img2img_multi_concept")
+    panel.wait_for(state="attached", timeout=PAGE_TIMEOUT)
+    assert page.locator("#img2img_multi_concept_job").count() == 1
+    assert page.locator("#multi_concept_job").count() == 1
+    wait_until(page, lambda: page.locator("#img2img_multi_concept canvas").count() >= 1, "img2img's region canvas",
+               timeout_ms=60000)

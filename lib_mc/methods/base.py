@@ -141,12 +141,16 @@ class SessionBase:
         if self.run.call is None:
             out = host(q, k, v)
             if cross:
-                for recorder in self.recorders:
-                    if recorder.wants(k.shape[1]):
-                        n = len(recorder.images)
-                        recorder.record(q[:n], k[:n], heads)
+                self._record_cross(q, k, heads)
             return out
         return self._attend(q, k, v, heads, cross=cross, decoder=decoder, host=host, module=module)
+
+    def _record_cross(self, q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
+        """A cross-attention's q and k (hosts that hand them over) for every recorder that wants it."""
+        for recorder in self.recorders:
+            if recorder.wants(k.shape[1]):
+                n = len(recorder.images)
+                recorder.record(q[:n], k[:n], heads)
 
     def attention_output(self, out: torch.Tensor, *, layer, decoder: bool) -> torch.Tensor:
         """For hosts that apply to_out themselves (Forge): an attention layer's output after

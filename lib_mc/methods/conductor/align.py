@@ -110,15 +110,6 @@ def out_of_memory_error(exc: BaseException) -> EngineError | None:
     return None
 
 
-def record_cross(recorders, q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
-    """A cross-attention of an inversion call for the automatic-region recorders (hosts that
-    hand over q, k: the session's own recording skips calls the engine makes)."""
-    for recorder in recorders:
-        if recorder.wants(k.shape[1]):
-            n = len(recorder.images)
-            recorder.record(q[:n], k[:n], heads)
-
-
 def layout_alignment(session, host) -> "LayoutAlignment | None":
     """The batch's alignment when the host gives a reference picture and it is used: keys for
     align_until > 0, or automatic regions to find in it."""

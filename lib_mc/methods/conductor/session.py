@@ -25,7 +25,7 @@ from ..images.attention import guided_kv, make_guided_forward
 from ..images.batch import image_batch
 from ..images.mixing import keep_outside
 from .call import ConductorCall
-from .align import AlignCall, LayoutAlignment, layout_alignment, record_cross
+from .align import AlignCall, LayoutAlignment, layout_alignment
 from .inject import inject, make_injection_forward
 from .layers import decoder_attention, refinement_layer
 from .refine import (apply, at_grid, cluster_counts, head_mean_probabilities, own_masks, refine_image,
@@ -69,7 +69,7 @@ class ConductorSession(SessionBase):
         if watcher is not None and not cross and isinstance(self.run.call, ConductorCall):
             watcher(q, k, heads, self.run.call)
         if cross and isinstance(self.run.call, AlignCall):   # the reference's inversion: automatic regions
-            record_cross(self.recorders, q, k, heads)
+            self._record_cross(q, k, heads)
         if decoder and not cross and self.run.call is not None:   # image concepts' rows
             k, v = guided_kv(k, v, self.run.call)
         return host(q, k, v)

@@ -6,7 +6,7 @@ reference picture (conductor mode) travels as a small JPEG copy (REFERENCE_SIDE 
 of the original: pasted back, its layout, not its detail, guides the next run. Image concepts' reference pictures
 (IMAGE_SIDE px JPEG), their masks (as region masks) and the kept background (REFERENCE_SIDE px)
 travel the same way, as `{"png": <small copy>, "sha": <hash of the original>}`: pasted back, the
-job runs with the small copies.
+job runs with the small copies. Face photos likewise (FACE_SIDE px).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ OPTIONS = ("mode", "start_at", "layout_replay", "self_attn_replay_until", "feath
            "align_step") + IMAGE_OPTIONS
 REFERENCE_SIDE = 96   # px: a photo's copy is a few kB as JPEG (PNG would be ten times that)
 IMAGE_SIDE = 128      # px: an image concept's reference keeps more than a layout: its subject's look
+FACE_SIDE = 192       # px: a face photo's copy keeps a face the detector still finds
+FACE_DEFAULT = 0.8    # face_weight and face_control left out at their default
 
 
 def job_to_infotext(job: Job) -> str:
@@ -53,6 +55,13 @@ def job_to_infotext(job: Job) -> str:
         if "reference_mask" in concept:
             small, sha = compact_mask(concept["reference_mask"]["png"], f"concepts[{i}].reference_mask")
             concept["reference_mask"] = {"png": small, "sha": sha}
+        if "faces" in concept:
+            concept["faces"] = [dict(zip(("png", "sha"), compact_picture(face["png"], f"concepts[{i}].faces[{k}]",
+                                                                         FACE_SIDE)))
+                                for k, face in enumerate(concept["faces"])]
+            for key in ("face_weight", "face_control"):
+                if concept[key] == FACE_DEFAULT:
+                    del concept[key]
         for key in ("prompt", "negative_prompt", "class_word", "token"):
             if not concept[key]:
                 del concept[key]

@@ -13,6 +13,11 @@ Image concepts (PnP-MIX): a concept may carry a reference picture of its subject
 (`"reference": {"png": ...}`, optionally `"reference_mask"`); the job may carry a kept background
 (`"background": {"png": ...}`). Pictures are checked here as far as their header (base64, an image,
 its size); the host encodes them in prepare. Image concepts work in blend and conductor mode only.
+
+Face concepts (InstantID): a concept may carry face photos (`"faces": [{"png": ...}]`, at most
+MAX_FACES, embeddings averaged) with `face_weight` (IP-Adapter scale) and `face_control`
+(IdentityNet scale); blend and conductor mode. With both at 0 the photos only serve the identity
+score, in any mode.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ MAX_REFINE_K = 32     # conductor: k-means segments at most (the paper's k is at
 MAX_CONCEPTS = 8
 MAX_GROW_PX = 128   # auto_grow: found masks grow or shrink at most this many image pixels
 MAX_MASK_PNG_BYTES = 16 * 2 ** 20
+MAX_FACES = 4       # face photos per concept (their embeddings are averaged)
 
 
 class JobError(PlanError):
@@ -80,6 +86,10 @@ class ConceptSpec:
     z: float | None = None
     reference: str = ""             # an image concept: base64 PNG of its subject; "" = none
     reference_mask: str = ""        # ... white = the subject in it; "" = found in the reference
+    # a face concept (blend, conductor): its identity comes from face photos through InstantID
+    faces: list[str] = field(default_factory=list)   # base64 pictures of the person's face
+    face_weight: float = 0.8        # InstantID's IP-Adapter scale (identity tokens in its cross-attention)
+    face_control: float = 0.8       # IdentityNet's conditioning scale (face keypoints); both 0: score only
 
 
 @dataclass
@@ -159,6 +169,9 @@ def _concept_dict(c: ConceptSpec) -> dict:
         out["reference"] = {"png": c.reference}
     if c.reference_mask:
         out["reference_mask"] = {"png": c.reference_mask}
+    if c.faces:
+        out["faces"] = [{"png": png} for png in c.faces]
+        out["face_weight"], out["face_control"] = c.face_weight, c.face_control
     return out
 
 
@@ -324,6 +337,22 @@ def _loras(data: Any, path: str) -> list[LoraRef]:
     return refs
 
 
+def _faces(data: Mapping, path: str) -> list[str]:
+    """Face photos: a list of pictures ({"png": ...} or base64), never paths."""
+    value = data.get("faces")
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise JobError(path + "faces", 'must be a list of pictures ([{"png": "<base64>"}, ...])')
+    if len(value) > MAX_FACES:
+        raise JobError(path + "faces", f"at most {MAX_FACES} photos, got {len(value)}")
+    photos = [_image({f"faces[{k}]": item}, f"faces[{k}]", path) for k, item in enumerate(value)]
+    for k, photo in enumerate(photos):
+        if not photo:
+            raise JobError(f"{path}faces[{k}]", "is empty: upload a face photo or remove the entry")
+    return photos
+
+
 def _concept(data: Any, i: int) -> ConceptSpec:
     path = f"concepts[{i}]."
     if not isinstance(data, Mapping):
@@ -343,6 +372,9 @@ def _concept(data: Any, i: int) -> ConceptSpec:
         z=_num(data, "z", None, path),
         reference=reference,
         reference_mask=reference_mask,
+        faces=_faces(data, path),
+        face_weight=_num(data, "face_weight", 0.8, path, 0.0, 2.0),
+        face_control=_num(data, "face_control", 0.8, path, 0.0, 2.0),
     )
 
 
@@ -420,6 +452,11 @@ def check_image_concepts(job: Job) -> None:
         if concept.reference:
             raise JobError(f"concepts[{i}].reference", f"image concepts need blend or conductor mode, not {job.mode} "
                                                        "(set mode to blend or conductor, or remove the reference picture)")
+        if concept.faces and (concept.face_weight or concept.face_control):
+            raise JobError(f"concepts[{i}].faces", f"face concepts need blend or conductor mode, not {job.mode}: "
+                                                   "InstantID acts on a concept's own rows (set mode to blend or "
+                                                   "conductor, or set face_weight and face_control to 0 to only "
+                                                   "score the face)")
 
 
 def check_start(job: Job) -> None:

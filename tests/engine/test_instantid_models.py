@@ -1,0 +1,136 @@
+"""InstantID's models as the package loads them, against the official code: the Resampler against
+a copy of IP-Adapter's, the IP-Adapter's layer keys against diffusers' attn_processors order on
+the tiny sgm (SDXL) UNet, the IdentityNet against diffusers' own ControlNetModel on files that
+diffusers wrote, and the finder on the folder layouts users have."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from instantid_files import reference_resampler, write_ip_adapter
+from lib_mc.auto.sam import ModelFileError
+from lib_mc.faces.instantid.ip_adapter import cross_attention_names, load_ip_adapter
+from tinyhost import make_unet
+from tinyxl import CONTEXT_DIM, make_xl_unet, write_xl_lora
+
+
+@pytest.fixture(scope="module")
+def xl_unet():
+    return make_xl_unet()
+
+
+# ---- Resampler ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [{}, dict(dim=192, heads=3, depth=3, ff_mult=2, num_queries=4)])
+@pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
+def test_resampler_tokens_match_the_official_resampler(tmp_path, xl_unet, shape, suffix):
+    path = tmp_path / f"ip-adapter{suffix}"
+    state = write_ip_adapter(path, xl_unet, seed=3, **shape)
+    reference = reference_resampler(CONTEXT_DIM, seed=0, **shape)
+    reference.load_state_dict(state["image_proj"])
+    adapter = load_ip_adapter(str(path), xl_unet)
+    embedding = torch.randn(512, generator=torch.Generator().manual_seed(5)) * 20   # raw ArcFace scale
+    cond, uncond = adapter.tokens(embedding)
+    with torch.no_grad():
+        want_cond = reference(embedding.reshape(1, 1, 512))
+        want_uncond = reference(torch.zeros(1, 1, 512))   # InstantID's pipeline: zeros as the negative
+    assert cond.shape == (1, shape.get("num_queries", 16), CONTEXT_DIM)
+    assert torch.allclose(cond, want_cond, atol=1e-5) and torch.allclose(uncond, want_uncond, atol=1e-5)
+    assert (cond - uncond).abs().max() > 0.1   # the face changes the tokens
+    assert torch.equal(adapter.tokens(embedding[None])[0], cond)
+
+
+# ---- IP-Adapter layers ----------------------------------------------------------------------
+
+class _IPWeights(nn.Module):
+    """What InstantID's IPAttnProcessor holds: the only parameters in the file's ip_adapter part."""
+
+    def __init__(self, hidden_size, cross_attention_dim):
+        super().__init__()
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+
+def _diffusers_unet():
+    """diffusers' SDXL UNet at tinyxl's config (its attn_processors order is the file's key order)."""
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 128), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=[1, 1, 2], attention_head_dim=(2, 4, 8), cross_attention_dim=CONTEXT_DIM,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=48)
+
+
+def _sgm_name(processor: str) -> str:
+    """diffusers' SDXL layer name -> sgm's (3 input blocks per level: 2 ResBlocks + downsample;
+    3 output blocks per level; the middle block's transformer is its 2nd module)."""
+    parts = processor.split(".")
+    tail = ".".join(parts[parts.index("transformer_blocks"):-1])
+    if parts[0] == "mid_block":
+        return f"middle_block.1.{tail}"
+    block, attention = int(parts[1]), int(parts[3])
+    if parts[0] == "down_blocks":
+        return f"input_blocks.{3 * block + attention + 1}.1.{tail}"
+    return f"output_blocks.{3 * block + attention}.1.{tail}"
+
+
+def test_ip_layers_land_on_the_cross_attentions_in_diffusers_order(tmp_path, xl_unet):
+    path = tmp_path / "ip-adapter.bin"
+    state = write_ip_adapter(path, xl_unet, seed=1, marker=True)
+    # InstantID's set_ip_adapter: one processor per attn_processors entry, weights only on attn2
+    dunet = _diffusers_unet()
+    processors, names = [], list(dunet.attn_processors)
+    for name in names:
+        channels = dunet.config.block_out_channels
+        block = None if name.startswith("mid_block") else int(name.split(".")[1])
+        hidden = (channels[-1] if name.startswith("mid_block") else
+                  channels[::-1][block] if name.startswith("up_blocks") else channels[block])
+        processors.append(nn.Module() if name.endswith("attn1.processor") else _IPWeights(hidden, CONTEXT_DIM))
+    official = nn.ModuleList(processors)
+    official.load_state_dict(state["ip_adapter"])   # strict: the file is the official layout
+
+    adapter = load_ip_adapter(str(path), xl_unet)
+    sgm_attn2 = sorted(n for n, _ in xl_unet.named_modules() if n.endswith(".attn2"))
+    assert len(adapter.layers) == len(sgm_attn2) == 17
+    assert sorted(adapter.layers) == sgm_attn2
+    assert cross_attention_names(xl_unet) == list(adapter.layers)
+    for name, proc in zip(names, official):
+        if isinstance(proc, _IPWeights):
+            k, v = adapter.layers[_sgm_name(name)]
+            assert torch.equal(k, proc.to_k_ip.weight), (name, _sgm_name(name), k.flatten()[0].item())
+            assert torch.equal(v, proc.to_v_ip.weight), name
+
+
+def test_ip_adapter_for_another_unet_is_refused_naming_the_file(tmp_path, xl_unet):
+    path = tmp_path / "ip-adapter_instant_id_sdxl.bin"
+    write_ip_adapter(path, xl_unet, seed=1)
+    with pytest.raises(ModelFileError, match=r"ip-adapter_instant_id_sdxl\.bin.*17 cross-attention layers.*10"):
+        load_ip_adapter(str(path), make_unet())   # tinyhost's SD1.5 UNet: 10 cross-attentions of width 32
+    state = torch.load(path)
+    state["ip_adapter"]["9.to_k_ip.weight"] = torch.zeros(128, 32)   # one layer for a 32-wide context
+    torch.save(state, path)
+    with pytest.raises(ModelFileError, match=r"ip-adapter_instant_id_sdxl\.bin.*layer 9 is \(128, 32\).*"
+                                             r"input_blocks\.8\.1\.transformer_blocks\.0\.attn2 is \(128, 64\)"):
+        load_ip_adapter(str(path), xl_unet)
+
+
+def test_files_that_are_not_instantids_ip_adapter_are_named(tmp_path, xl_unet):
+    lora = tmp_path / "some_lora.safetensors"
+    write_xl_lora(lora, xl_unet, seed=0)
+    with pytest.raises(ModelFileError, match=r"some_lora\.safetensors: not an IP-Adapter"):
+        load_ip_adapter(str(lora), xl_unet)
+    plain = tmp_path / "ip-adapter_sdxl.bin"   # a plain IP-Adapter: a linear image projection
+    torch.save({"image_proj": {"proj.weight": torch.zeros(4 * 64, 1280)},
+                "ip_adapter": {"1.to_k_ip.weight": torch.zeros(64, 64)}}, plain)
+    with pytest.raises(ModelFileError, match=r"ip-adapter_sdxl\.bin: not InstantID's IP-Adapter"):
+        load_ip_adapter(str(plain), xl_unet)
+    clip_plus = tmp_path / "ip-adapter-plus_sdxl.bin"   # a Resampler, but over 1280-d CLIP features
+    write_ip_adapter(clip_plus, xl_unet, seed=2, embedding_dim=1280)
+    with pytest.raises(ModelFileError, match=r"ip-adapter-plus_sdxl\.bin: not InstantID's.*1280-d"):
+        load_ip_adapter(str(clip_plus), xl_unet)
+    broken = tmp_path / "ip-adapter.bin"
+    broken.write_bytes(b"not a pickle")
+    with pytest.raises(ModelFileError, match=r"ip-adapter\.bin: cannot be read as an IP-Adapter"):
+        load_ip_adapter(str(broken), xl_unet)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers import ControlNetModel
 from safetensors.torch import save_file
 from torch import nn
+
+from tinyxl import CONTEXT_DIM
 
 # ---- IP-Adapter ----------------------------------------------------------------------------
 # instantX-research/InstantID ip_adapter/resampler.py (from tencent-ailab/IP-Adapter), verbatim
@@ -133,3 +136,48 @@ def write_ip_adapter(path, unet: nn.Module, seed: int = 0, marker: bool = False,
     else:
         torch.save(state, str(path))
     return state
+
+
+# ---- IdentityNet ----------------------------------------------------------------------------
+# InstantID's ControlNetModel/config.json at tinyxl's size: SDXL's blocks (no attention at full
+# size, then 1 and 2 transformer blocks), heads of 16 channels (SDXL: 64), "text_time"
+# embedding of text_embeds (24) + 6 size/crop numbers x 4 (SDXL: 1280 + 6 x 256 = 2816)
+TINY_CONTROLNET = dict(
+    in_channels=4, block_out_channels=(32, 64, 128), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    transformer_layers_per_block=[1, 1, 2], attention_head_dim=(2, 4, 8), cross_attention_dim=CONTEXT_DIM,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+    projection_class_embeddings_input_dim=48)
+TINY_HEAD_CHANNELS = 16
+TEXT_EMBEDS = 24
+
+
+def make_controlnet(seed: int = 0) -> ControlNetModel:
+    """diffusers' ControlNetModel at the tiny config with every weight random: diffusers zeroes the
+    hint output and the residual convs (all residuals would be 0) and starts norms at 1/0."""
+    torch.manual_seed(seed)
+    model = ControlNetModel(**TINY_CONTROLNET)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module.weight.abs().max() == 0:
+                module.weight.normal_(0, 0.05)
+                if module.bias is not None:
+                    module.bias.normal_(0, 0.05)
+            if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
+                module.weight.normal_(1, 0.2)
+                module.bias.normal_(0, 0.2)
+    return model.eval()
+
+
+def write_identitynet_folder(folder, seed: int = 0) -> ControlNetModel:
+    """The official layout: diffusers' save_pretrained (config.json + diffusion_pytorch_model.safetensors)."""
+    model = make_controlnet(seed)
+    model.save_pretrained(str(folder))
+    return model
+
+
+def write_identitynet_file(path, seed: int = 0) -> ControlNetModel:
+    """One .safetensors with diffusers' keys and no config (control_instant_id_sdxl.safetensors)."""
+    model = make_controlnet(seed)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model

@@ -6,11 +6,15 @@ diffusers wrote, and the finder on the folder layouts users have."""
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
 from torch import nn
 
-from instantid_files import reference_resampler, write_ip_adapter
+from instantid_files import (TEXT_EMBEDS, TINY_HEAD_CHANNELS, reference_resampler, write_identitynet_file,
+                             write_identitynet_folder, write_ip_adapter)
 from lib_mc.auto.sam import ModelFileError
+from lib_mc.faces.instantid.identitynet import load_identitynet
 from lib_mc.faces.instantid.ip_adapter import cross_attention_names, load_ip_adapter
+from sgm.modules.diffusionmodules.util import timestep_embedding as sgm_timestep_embedding
 from tinyhost import make_unet
 from tinyxl import CONTEXT_DIM, make_xl_unet, write_xl_lora
 
@@ -134,3 +138,101 @@ def test_files_that_are_not_instantids_ip_adapter_are_named(tmp_path, xl_unet):
     broken.write_bytes(b"not a pickle")
     with pytest.raises(ModelFileError, match=r"ip-adapter\.bin: cannot be read as an IP-Adapter"):
         load_ip_adapter(str(broken), xl_unet)
+
+
+# ---- IdentityNet ----------------------------------------------------------------------------
+
+def _controlnet_inputs(seed: int, batch: int = 2):
+    gen = torch.Generator().manual_seed(seed)
+    return dict(x=torch.randn(batch, 4, 16, 16, generator=gen), t=torch.tensor([801.0, 15.5])[:batch],
+                tokens=torch.randn(batch, 16, CONTEXT_DIM, generator=gen),
+                text_embeds=torch.randn(batch, TEXT_EMBEDS, generator=gen),
+                time_ids=torch.tensor([[128.0, 96, 0, 8, 128, 128]]).repeat(batch, 1),   # size, crop, target
+                hint=torch.rand(batch, 3, 128, 128, generator=gen))
+
+
+def _sgm_vector(text_embeds, time_ids):
+    """What sgm's conditioner puts in `y`: the pooled text, then each size/crop number through
+    ConcatTimestepEmbedderND (timestep_embedding(number, 4), concatenated)."""
+    return torch.cat([text_embeds, sgm_timestep_embedding(time_ids.flatten(), 4).reshape(len(time_ids), -1)], -1)
+
+
+def _both(reference, net, i):
+    with torch.no_grad():
+        down, mid = reference(i["x"], i["t"], encoder_hidden_states=i["tokens"], controlnet_cond=i["hint"],
+                              added_cond_kwargs={"text_embeds": i["text_embeds"], "time_ids": i["time_ids"]},
+                              return_dict=False)
+        ours = net(i["x"], i["t"], i["tokens"], _sgm_vector(i["text_embeds"], i["time_ids"]), i["hint"])
+    return ours, list(down) + [mid]
+
+
+def test_identitynet_gives_diffusers_residuals_from_a_save_pretrained_folder(tmp_path, xl_unet):
+    reference = write_identitynet_folder(tmp_path / "ControlNetModel", seed=4)
+    net = load_identitynet(str(tmp_path / "ControlNetModel"))
+    i = _controlnet_inputs(7)
+    # sgm's y is diffusers' cat[text_embeds, add_time_proj(time_ids)]
+    y = _sgm_vector(i["text_embeds"], i["time_ids"])
+    assert torch.allclose(y, torch.cat([i["text_embeds"], reference.add_time_proj(i["time_ids"].flatten()).reshape(2, -1)], -1),
+                          atol=1e-6)
+    ours, want = _both(reference, net, i)
+    assert len(ours) == len(want) == 10
+    worst = max((a - b).abs().max().item() for a, b in zip(ours, want))
+    print(f"IdentityNet vs diffusers ControlNetModel (float32): max abs difference {worst:.2e}, "
+          f"residual scale {min(r.abs().max().item() for r in want):.2f}..{max(r.abs().max().item() for r in want):.2f}")
+    assert worst < 1e-4
+    assert min(r.abs().max().item() for r in want) > 0.05   # every residual carries something
+    # in float64 the two differ by rounding only (an epsilon or a norm off shows here)
+    ours64, want64 = _both(reference.double(), net.double(), {k: v.double() for k, v in i.items()})
+    worst64 = max((a - b).abs().max().item() for a, b in zip(ours64, want64))
+    print(f"float64: max abs difference {worst64:.2e}")
+    assert worst64 < 1e-10
+
+    # one residual per sgm input block at its skip's shape, then the middle block's output
+    with torch.no_grad():
+        emb = xl_unet.time_embed(sgm_timestep_embedding(i["t"], xl_unet.model_channels)) + xl_unet.label_emb(y)
+        h, skips = i["x"], []
+        for block in xl_unet.input_blocks:
+            h = block(h, emb, i["tokens"])
+            skips.append(h)
+        h = xl_unet.middle_block(h, emb, i["tokens"])
+    assert [r.shape for r in ours] == [s.shape for s in skips] + [h.shape]
+
+
+def test_identitynet_single_file_and_the_face_tokens_matter(tmp_path):
+    folder_model = write_identitynet_folder(tmp_path / "ControlNetModel", seed=4)
+    write_identitynet_file(tmp_path / "control_instant_id_sdxl.safetensors", seed=4)
+    from_folder = load_identitynet(str(tmp_path / "ControlNetModel"))
+    single = load_identitynet(str(tmp_path / "control_instant_id_sdxl.safetensors"), head_channels=TINY_HEAD_CHANNELS)
+    assert single.cfg.heads == tuple(folder_model.config.attention_head_dim) == from_folder.cfg.heads
+    i = _controlnet_inputs(8)
+    y = _sgm_vector(i["text_embeds"], i["time_ids"])
+    with torch.no_grad():
+        a = from_folder(i["x"], i["t"], i["tokens"], y, i["hint"])
+        b = single(i["x"], i["t"], i["tokens"], y, i["hint"])
+        other_face = from_folder(i["x"], i["t"], i["tokens"].flip(0), y, i["hint"])
+        half = load_identitynet(str(tmp_path / "ControlNetModel"), dtype=torch.bfloat16)(
+            i["x"], i["t"], i["tokens"], y, i["hint"])
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert (a[4] - other_face[4]).abs().max() > 1e-3   # cross-attention reads the face tokens
+    assert torch.equal(a[0], other_face[0])            # the first residual comes before any attention
+    assert half[-1].dtype == torch.bfloat16 and torch.allclose(half[-1].float(), a[-1], atol=0.1, rtol=0.05)
+
+
+def test_files_that_are_not_an_sdxl_controlnet_are_named(tmp_path, xl_unet):
+    with pytest.raises(ModelFileError, match=r"nowhere: no such file or folder"):
+        load_identitynet(str(tmp_path / "nowhere"))
+    empty = tmp_path / "ControlNetModel"
+    empty.mkdir()
+    with pytest.raises(ModelFileError, match=r"ControlNetModel: not a diffusers ControlNet folder.*config\.json"):
+        load_identitynet(str(empty))
+    lora = tmp_path / "lora.safetensors"
+    write_xl_lora(lora, xl_unet, seed=0)
+    with pytest.raises(ModelFileError, match=r"lora\.safetensors: not a ControlNet in diffusers' format"):
+        load_identitynet(str(lora))
+    sd15 = write_identitynet_folder(tmp_path / "sd15_controlnet", seed=1).state_dict()   # no text_time embedding
+    save_file({k: v for k, v in sd15.items() if not k.startswith("add_embedding")}, str(tmp_path / "sd15.safetensors"))
+    with pytest.raises(ModelFileError, match=r"sd15\.safetensors: not an SDXL ControlNet"):
+        load_identitynet(str(tmp_path / "sd15.safetensors"))
+    save_file({k: v for k, v in sd15.items() if "mid_block.resnets.1" not in k}, str(tmp_path / "cut.safetensors"))
+    with pytest.raises(ModelFileError, match=r"cut\.safetensors: its ControlNet weights are incomplete"):
+        load_identitynet(str(tmp_path / "cut.safetensors"), head_channels=TINY_HEAD_CHANNELS)

@@ -36,8 +36,8 @@ import gradio as gr
 
 from ..job import MODES
 from . import compat
-from .panel_state import (CONCEPT_FIELDS, MAX_UI_CONCEPTS, REGION_CHOICES, TOP_FIELDS, add_lora, apply_canvas,
-                          compose, decompose, default_values, reference_image, shown_fields)
+from .panel_state import (CONCEPT_FIELDS, FACE_FIELDS, MAX_UI_CONCEPTS, REGION_CHOICES, TOP_FIELDS, add_lora,
+                          apply_canvas, compose, decompose, default_values, reference_image, shown_fields)
 
 ELEM = "multi_concept"   # txt2img's element-id prefix
 IMG2IMG_ELEM = "img2img_multi_concept"
@@ -75,6 +75,7 @@ class _Concept:
     pick: gr.components.Component
     refresh: gr.components.Component
     components: list
+    face_box: gr.components.Component   # the folded face photos: opened when a pasted job has some
 
 
 def _concept_tab(i: int, defaults: list, lora_choices: list[str], elem: str) -> _Concept:
@@ -116,10 +117,24 @@ def _concept_tab(i: int, defaults: list, lora_choices: list[str], elem: str) -> 
                                                height=160)
                 reference_mask = compat.mask_upload("Reference mask (optional)", elem_id=e("reference_mask"),
                                                     height=160)
-    values = [name, loras, prompt, negative, class_word, token, region, x, y, w, h, mask, reference, reference_mask]
+        # a face concept (InstantID): folded beside the image concept; one picture slot per photo,
+        # each labelled apart (the hosts key values by label), like the reference picture never saved
+        with gr.Accordion("Face concept", open=False, elem_id=e("face")) as face_box:
+            with gr.Row():
+                faces = [compat.mask_upload(f"Face photo {k + 1}", elem_id=e(f"face_{k + 1}"), height=120,
+                                            min_width=100) for k in range(len(FACE_FIELDS))]
+            with gr.Row():
+                face_weight = gr.Slider(0, 2, d["face_weight"], step=0.05, label="Face weight", elem_id=e("face_weight"),
+                                        info="Identity from the photos (InstantID's IP-Adapter scale)")
+                face_control = gr.Slider(0, 2, d["face_control"], step=0.05, label="Face control",
+                                         elem_id=e("face_control"),
+                                         info="Face pose from its keypoints (IdentityNet's scale); both 0: the "
+                                              "photos only score the likeness")
+    values = [name, loras, prompt, negative, class_word, token, region, x, y, w, h, mask, reference, reference_mask,
+              *faces, face_weight, face_control]
     for component in values + [pick, refresh]:
         unsaved(component)
-    return _Concept(tab, values, [box, mask, class_word], pick, refresh, values + [pick, refresh])
+    return _Concept(tab, values, [box, mask, class_word], pick, refresh, values + [pick, refresh], face_box)
 
 
 def build_panel(lora_names: Callable[[], list[str]], refresh_lora_names: Callable[[], list[str]] | None = None,
@@ -287,12 +302,18 @@ def _wire(controls, job, paste_box, count, concepts, lora_names, canvas):
     for concept in concepts:
         concept.refresh.click(refreshed, outputs=picks, show_progress=False)
 
+    faces_at = [len(TOP_FIELDS) + i * len(CONCEPT_FIELDS) + CONCEPT_FIELDS.index(FACE_FIELDS[0])
+                for i in range(MAX_UI_CONCEPTS)]
+
     def pasted(text):
         values = decompose(text)
         if values is None:
-            return [compat.update() for _ in controls] + [compat.update()]
-        return values + [compose(*values)]
-    paste_box.change(pasted, inputs=[paste_box], outputs=controls + [job], show_progress=False)
+            return [compat.update() for _ in controls] + [compat.update()] + [compat.update() for _ in concepts]
+        # a pasted face concept's photos are shown: its folded face box opens (others stay as they are)
+        opened = [compat.update(open=True) if values[at] is not None else compat.update() for at in faces_at]
+        return values + [compose(*values)] + opened
+    paste_box.change(pasted, inputs=[paste_box], outputs=controls + [job] + [c.face_box for c in concepts],
+                     show_progress=False)
 
 
 def _wire_reference(controls, job, button, picked, elem):

@@ -8,6 +8,10 @@ The region canvas (javascript/) speaks through the top field "canvas": JSON
 `{"regions": [region or null per concept], "z": [front-to-back rank per concept]}`. A concept whose
 region control says "drawn" takes its region from there; `apply_canvas` turns what was drawn into
 the region controls (a drawn rectangle becomes a preset or "rectangle" with numbers).
+
+A face concept's photos are MAX_FACES picture slots per concept (`face_1` ...): the job takes the
+filled ones in slot order, with `face_weight` and `face_control` beside them; a pasted job fills
+the slots from the front.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import base64
 import io
 import json
 
-from ..job import Job, JobError, Region, parse_job
+from ..job import MAX_FACES, ConceptSpec, Job, JobError, Region, parse_job
 from ..regions import PRESETS
 
 MAX_UI_CONCEPTS = 6
@@ -29,8 +33,10 @@ JOB_OPTIONS = TOP_FIELDS[:TOP_FIELDS.index("count")]   # the controls that are t
 NUMBER_FIELDS = ("self_attn_replay_until", "feather", "auto_grow", "isolation_until", "mask_refine_from",
                  "mask_refine_until", "mask_refine_every", "align_until", "align_step", "appearance_alpha",
                  "dilution_beta", "dilution_expand")
+FACE_FIELDS = tuple(f"face_{k + 1}" for k in range(MAX_FACES))   # a face concept's photo slots
 CONCEPT_FIELDS = ("name", "loras", "prompt", "negative_prompt", "class_word", "token", "region", "x", "y", "w", "h",
-                  "mask", "reference", "reference_mask")
+                  "mask", "reference", "reference_mask") + FACE_FIELDS + ("face_weight", "face_control")
+FACE_DEFAULTS = (ConceptSpec("").face_weight, ConceptSpec("").face_control)   # the job's: 0.8, 0.8
 PICTURE_FIELDS = ("reference", "background")   # top-level uploads: pictures (None when empty)
 REFERENCE_MAX_SIDE = 1024   # px: the panel's reference picture is kept at most this large (it is resized
                             # to the image size when it is used; the job travels with every panel edit)
@@ -51,6 +57,7 @@ def default_values() -> list:
     rows = []
     for i in range(MAX_UI_CONCEPTS):
         rows += [f"concept {i + 1}", "", "", "", "", "", DEFAULT_PRESETS[i], 0.0, 0.0, 1.0, 1.0, None, None, None]
+        rows += [None] * MAX_FACES + list(FACE_DEFAULTS)   # no photos; the job's weights
     return top + rows
 
 
@@ -236,8 +243,24 @@ def compose(*values) -> str:
             picture = reference_png(row[key])
             if picture:
                 concept[key] = {"png": picture}
+        faces = [reference_png(row[key]) for key in FACE_FIELDS]
+        faces = [picture for picture in faces if picture]
+        if faces:   # a face concept: its photos and weights (without photos the weights mean nothing)
+            concept["faces"] = [{"png": picture} for picture in faces]
+            for key, default in zip(("face_weight", "face_control"), FACE_DEFAULTS):
+                concept[key] = _slider(row[key], default)
         concepts.append(concept)
     return json.dumps({"version": 1, **top, "concepts": concepts})
+
+
+def _slider(value, default: float):
+    """A slider's value as the job's float (sliders send 1 or 1.0 alike); unset: the default;
+    anything else goes to the job as it is, for the job to name."""
+    if value is None:
+        return default
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _same_region(a: dict, b: dict) -> bool:
@@ -337,4 +360,6 @@ def decompose(text: str) -> list | None:
                 "auto": DRAWN if r.found else (AUTO_BOX if r.boxed else "auto")}[r.type]
         values += [c.name, format_loras(c.loras), c.prompt, c.negative_prompt, c.class_word, c.token, kind,
                    r.x, r.y, r.w, r.h, None, reference_image(c.reference), reference_image(c.reference_mask)]
+        faces = [reference_image(png) for png in c.faces[:MAX_FACES]]
+        values += faces + [None] * (MAX_FACES - len(faces)) + [c.face_weight, c.face_control]
     return values

@@ -12,6 +12,7 @@ from torch import nn
 from instantid_files import (TEXT_EMBEDS, TINY_HEAD_CHANNELS, reference_resampler, write_identitynet_file,
                              write_identitynet_folder, write_ip_adapter)
 from lib_mc.auto.sam import ModelFileError
+from lib_mc.faces.instantid.files import find_instantid, instantid_folders
 from lib_mc.faces.instantid.identitynet import load_identitynet
 from lib_mc.faces.instantid.ip_adapter import cross_attention_names, load_ip_adapter
 from sgm.modules.diffusionmodules.util import timestep_embedding as sgm_timestep_embedding
@@ -236,3 +237,62 @@ def test_files_that_are_not_an_sdxl_controlnet_are_named(tmp_path, xl_unet):
     save_file({k: v for k, v in sd15.items() if "mid_block.resnets.1" not in k}, str(tmp_path / "cut.safetensors"))
     with pytest.raises(ModelFileError, match=r"cut\.safetensors: its ControlNet weights are incomplete"):
         load_identitynet(str(tmp_path / "cut.safetensors"), head_channels=TINY_HEAD_CHANNELS)
+
+
+# ---- where the files are found ----------------------------------------------------------------
+
+LAYOUTS = {   # (IP-Adapter, IdentityNet), relative to the WebUI root
+    "A1111 ControlNet extension / Forge": ("models/ControlNet/ip-adapter_instant_id_sdxl.bin",
+                                           "models/ControlNet/control_instant_id_sdxl.safetensors"),
+    "the extension's own models folder": ("extensions/sd-webui-controlnet/models/ip-adapter_instant_id_sdxl.bin",
+                                          "extensions/sd-webui-controlnet/models/control_instant_id_sdxl.safetensors"),
+    "InstantID's checkpoints folder": ("models/instantid/checkpoints/ip-adapter.bin",
+                                       "models/instantid/checkpoints/ControlNetModel"),
+    "ComfyUI's habit": ("models/instantid/ip-adapter.safetensors", "models/controlnet/control_instant_id_sdxl.safetensors"),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_find_instantid_in_each_folder_layout_and_load_what_it_finds(tmp_path, xl_unet, layout):
+    adapter_rel, net_rel = LAYOUTS[layout]
+    adapter_path, net_path = tmp_path / adapter_rel, tmp_path / net_rel
+    adapter_path.parent.mkdir(parents=True, exist_ok=True)
+    write_ip_adapter(adapter_path, xl_unet, seed=1)
+    if net_rel.endswith("ControlNetModel"):
+        write_identitynet_folder(net_path, seed=2)
+    else:
+        net_path.parent.mkdir(parents=True, exist_ok=True)
+        write_identitynet_file(net_path, seed=2)
+    (tmp_path / "models" / "ControlNet").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "models" / "ControlNet" / "control_sd15_canny.safetensors").write_bytes(b"other ControlNets live here")
+    folders = instantid_folders(str(tmp_path / "models"), str(tmp_path / "extensions"))
+    found = find_instantid(folders)
+    assert found == (str(adapter_path), str(net_path))
+    assert len(load_ip_adapter(found[0], xl_unet).layers) == 17
+    assert len(load_identitynet(found[1], head_channels=TINY_HEAD_CHANNELS).controlnet_down_blocks) == 9
+
+
+def test_instantids_own_adapter_name_wins_over_a_generic_ip_adapter(tmp_path, xl_unet):
+    models = tmp_path / "models"
+    for rel in ("instantid/ip-adapter.bin", "ControlNet/ip-adapter_instant_id_sdxl.bin"):
+        (models / rel).parent.mkdir(parents=True, exist_ok=True)
+        write_ip_adapter(models / rel, xl_unet, seed=1)
+    write_identitynet_file(models / "ControlNet" / "control_instant_id_sdxl.safetensors", seed=2)
+    adapter, _ = find_instantid(instantid_folders(str(models)))
+    assert adapter == str(models / "ControlNet" / "ip-adapter_instant_id_sdxl.bin")
+
+
+def test_missing_files_are_named_with_every_folder_searched(tmp_path, xl_unet):
+    models = tmp_path / "models"
+    folders = instantid_folders(str(models), str(tmp_path / "extensions"))
+    with pytest.raises(ModelFileError) as missing:
+        find_instantid(folders)
+    message = str(missing.value)
+    for expected in ["ip-adapter_instant_id_sdxl.bin", "ip-adapter.bin", "control_instant_id_sdxl.safetensors",
+                     "ControlNetModel", *folders]:
+        assert expected in message
+    (models / "ControlNet").mkdir(parents=True)
+    write_ip_adapter(models / "ControlNet" / "ip-adapter_instant_id_sdxl.bin", xl_unet, seed=1)
+    with pytest.raises(ModelFileError) as only_net:
+        find_instantid(folders)
+    assert "IdentityNet" in str(only_net.value) and "IP-Adapter (" not in str(only_net.value)

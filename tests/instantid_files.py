@@ -181,3 +181,6 @@ def write_identitynet_file(path, seed: int = 0) -> ControlNetModel:
     model = make_controlnet(seed)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return model
+
+
+write_identitynet = write_identitynet_folder   # the official layout is the default

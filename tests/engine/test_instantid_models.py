@@ -46,6 +46,22 @@ def test_resampler_tokens_match_the_official_resampler(tmp_path, xl_unet, shape,
     assert torch.equal(adapter.tokens(embedding[None])[0], cond)
 
 
+def test_a_float16_ip_adapter_file_loads_as_float32(tmp_path, xl_unet):
+    """InstantID's ip-adapter.bin holds float16 tensors."""
+    path = tmp_path / "ip-adapter.bin"
+    state = write_ip_adapter(path, xl_unet, seed=3)
+    half = {part: {k: v.half() for k, v in d.items()} for part, d in state.items()}
+    torch.save(half, path)
+    reference = reference_resampler(CONTEXT_DIM, seed=0)
+    reference.load_state_dict(half["image_proj"])   # the same rounded weights, in float32
+    adapter = load_ip_adapter(str(path), xl_unet)
+    cond, _ = adapter.tokens(torch.ones(512))
+    with torch.no_grad():
+        assert cond.dtype == torch.float32 and torch.allclose(cond, reference(torch.ones(1, 1, 512)), atol=1e-5)
+    k, v = next(iter(adapter.layers.values()))
+    assert k.dtype == v.dtype == torch.float32 and torch.equal(k, half["ip_adapter"]["1.to_k_ip.weight"].float())
+
+
 # ---- IP-Adapter layers ----------------------------------------------------------------------
 
 class _IPWeights(nn.Module):
@@ -217,6 +233,14 @@ def test_identitynet_single_file_and_the_face_tokens_matter(tmp_path):
     assert (a[4] - other_face[4]).abs().max() > 1e-3   # cross-attention reads the face tokens
     assert torch.equal(a[0], other_face[0])            # the first residual comes before any attention
     assert half[-1].dtype == torch.bfloat16 and torch.allclose(half[-1].float(), a[-1], atol=0.1, rtol=0.05)
+    # InstantID publishes float16 weights: they load as such, or converted on request
+    fp16 = tmp_path / "fp16.safetensors"
+    save_file({k: v.half() for k, v in folder_model.state_dict().items()}, str(fp16))
+    assert load_identitynet(str(fp16), head_channels=TINY_HEAD_CHANNELS).conv_in.weight.dtype == torch.float16
+    as_float = load_identitynet(str(fp16), dtype=torch.float32, head_channels=TINY_HEAD_CHANNELS)
+    with torch.no_grad():
+        c = as_float(i["x"], i["t"], i["tokens"], y, i["hint"])
+    assert c[-1].dtype == torch.float32 and all(torch.allclose(p, q, atol=0.02, rtol=0.02) for p, q in zip(a, c))
 
 
 def test_files_that_are_not_an_sdxl_controlnet_are_named(tmp_path, xl_unet):

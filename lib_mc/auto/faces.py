@@ -43,9 +43,15 @@ class FaceDetector:
             raise ModelFileError(f"face detector {path} has {outputs} outputs; an SCRFD model has 6, 9, 10 or 15")
         self.levels, self.anchors = layouts[outputs]
         self.strides = [8, 16, 32, 64, 128][:self.levels]
+        self.has_kps = outputs in (9, 15)   # the *_bnkps models also give 5 keypoints a face
 
     def detect(self, image: np.ndarray, threshold: float = 0.5, overlap: float = 0.4) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (k, 5) boxes x0, y0, x1, y1, score in image pixels, best first."""
+        return self.detect_kps(image, threshold, overlap)[0]
+
+    def detect_kps(self, image: np.ndarray, threshold: float = 0.5,
+                   overlap: float = 0.4) -> tuple[np.ndarray, np.ndarray | None]:
+        """As detect, with the (k, 5, 2) keypoints in image pixels (None for a model without them)."""
         from PIL import Image
         h, w = image.shape[:2]
         scale = SIZE / max(h, w)
@@ -54,7 +60,7 @@ class FaceDetector:
         canvas[:new_h, :new_w] = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
         blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None].astype(np.float32)
         outs = self.session.run(None, {self.input: blob})
-        boxes = []
+        boxes, kps = [], []
         for level, stride in enumerate(self.strides):
             scores = outs[level].reshape(-1)
             distances = outs[level + self.levels].reshape(-1, 4) * stride
@@ -65,10 +71,15 @@ class FaceDetector:
             c, d = centres[keep], distances[keep]
             boxes.append(np.column_stack([c[:, 0] - d[:, 0], c[:, 1] - d[:, 1], c[:, 0] + d[:, 2],
                                           c[:, 1] + d[:, 3], scores[keep]]))
+            if self.has_kps:   # offsets from the anchor, in strides (insightface's distance2kps)
+                offsets = outs[level + 2 * self.levels].reshape(-1, 5, 2)[keep] * stride
+                kps.append(c[:, None, :] + offsets)
         found = np.concatenate(boxes) if boxes else np.zeros((0, 5))
-        found = found[_nms(found, overlap)]
+        chosen = _nms(found, overlap)
+        found = found[chosen]
         found[:, :4] /= scale
-        return found
+        points = np.concatenate(kps)[chosen] / scale if self.has_kps else None
+        return found, points
 
 
 def _nms(boxes: np.ndarray, overlap: float) -> list[int]:

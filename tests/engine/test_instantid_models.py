@@ -15,6 +15,7 @@ from lib_mc.auto.sam import ModelFileError
 from lib_mc.faces.instantid.files import find_instantid, instantid_folders
 from lib_mc.faces.instantid.identitynet import load_identitynet
 from lib_mc.faces.instantid.ip_adapter import cross_attention_names, load_ip_adapter
+from sgm.modules.diffusionmodules.openaimodel import UNetModel
 from sgm.modules.diffusionmodules.util import timestep_embedding as sgm_timestep_embedding
 from tinyhost import make_unet
 from tinyxl import CONTEXT_DIM, make_xl_unet, write_xl_lora
@@ -122,6 +123,27 @@ def test_ip_layers_land_on_the_cross_attentions_in_diffusers_order(tmp_path, xl_
             k, v = adapter.layers[_sgm_name(name)]
             assert torch.equal(k, proc.to_k_ip.weight), (name, _sgm_name(name), k.flatten()[0].item())
             assert torch.equal(v, proc.to_v_ip.weight), name
+
+
+def test_sdxl_at_full_size_has_the_70_cross_attentions_in_diffusers_order():
+    """SDXL's real network config (configs/inference/sd_xl_base.yaml) built on the meta device (no
+    memory): its 70 attn2 modules in the adapter's order are diffusers' SDXL attn2 processors, one by one."""
+    with torch.device("meta"):
+        unet = UNetModel(adm_in_channels=2816, num_classes="sequential", use_checkpoint=False, in_channels=4,
+                         out_channels=4, model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2,
+                         channel_mult=[1, 2, 4], num_head_channels=64, use_spatial_transformer=True,
+                         use_linear_in_transformer=True, transformer_depth=[1, 2, 10], context_dim=2048,
+                         spatial_transformer_attn_type="softmax-xformers", legacy=False)
+        dunet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)
+    diffusers_attn2 = [n for n in dunet.attn_processors if n.endswith("attn2.processor")]
+    assert cross_attention_names(unet) == [_sgm_name(n) for n in diffusers_attn2]
+    assert len(diffusers_attn2) == 70
 
 
 def test_ip_adapter_for_another_unet_is_refused_naming_the_file(tmp_path, xl_unet):

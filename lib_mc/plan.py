@@ -40,6 +40,8 @@ class Concept:
     # image concept (blend, conductor): its appearance comes from a reference picture
     reference: torch.Tensor | None = None        # (1, 4, h, w) the picture's VAE latent at the generation's latent size
     reference_mask: torch.Tensor | None = None   # (H, W) the subject in the reference; None: the whole picture
+    # face concept (blend, conductor): its identity from face photos through InstantID (methods/faces)
+    face: Any = None                             # a FaceIdentity; None: not a face concept
 
 
 @dataclass
@@ -90,6 +92,14 @@ class Plan:
     concept_masks: torch.Tensor | None = field(default=None, repr=False)
     # a kept background (1 or B, 4, h, w): its VAE latent (txt2img: a picture; img2img: the init latent)
     background: torch.Tensor | None = field(default=None, repr=False)
+    # face concepts: InstantID's models (methods/faces/identity.py InstantID) and where each face goes
+    instantid: Any = field(default=None, repr=False)
+    face_kps: dict | None = field(default=None, repr=False)   # concept -> per image (5, 2) keypoints, image fractions
+
+    @property
+    def face_concepts(self) -> list[int]:
+        """Concepts whose face photos act through InstantID (not only scored)."""
+        return [i for i, c in enumerate(self.concepts) if c.face is not None and c.face.acts]
 
     @property
     def image_concepts(self) -> list[int]:
@@ -158,7 +168,8 @@ class Plan:
         # reference pictures and the background are latents of the first size: not used at another
         concepts = [replace(c, reference=None, reference_mask=None) for c in self.concepts]
         plan = Plan(concepts, hw, options,
-                    regions=RegionWeights(masks, hw, back_to_front=self.back_to_front(), feather_px=options.feather))
+                    regions=RegionWeights(masks, hw, back_to_front=self.back_to_front(), feather_px=options.feather),
+                    instantid=self.instantid, face_kps=self.face_kps)   # keypoints are fractions: any size
         if self.concept_masks is not None:
             plan.set_concept_masks(self.concept_masks)   # refined (conductor): every concept's, per image
         elif self.found_masks is not None:
@@ -259,6 +270,7 @@ def _concept(item: Any, i: int) -> Concept:
         class_tokens=_positions(item.get("class_tokens"), f"{name}.class_tokens"),
         own_class_tokens=_positions(item.get("own_class_tokens"), f"{name}.own_class_tokens"),
         reference=item.get("reference"),   # checked against the latent size in build_plan
+        face=item.get("face"),
         reference_mask=None if item.get("reference_mask") is None else check_mask(item["reference_mask"],
                                                                                   f"{name}.reference_mask"),
     )
@@ -300,7 +312,7 @@ def _box(value: Any, name: str) -> tuple[float, float, float, float] | None:
 
 
 def build_plan(concepts: Sequence[Any], image_size: Sequence[int], background: torch.Tensor | None = None,
-               **options: Any) -> Plan:
+               instantid: Any = None, **options: Any) -> Plan:
     """Validate everything for one job. Raises PlanError naming the field."""
     if not isinstance(image_size, Sequence) or len(image_size) != 2 or not all(
             isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0 for v in image_size):
@@ -346,7 +358,9 @@ def build_plan(concepts: Sequence[Any], image_size: Sequence[int], background: t
         raise PlanError("concepts", "is empty: add at least one concept or disable Multi-Concept")
     parsed = [_concept(item, i) for i, item in enumerate(concepts)]
     hw = (int(image_size[0]), int(image_size[1]))
-    plan = Plan(parsed, hw, opts, regions=None)
+    plan = Plan(parsed, hw, opts, regions=None, instantid=instantid)
+    if plan.face_concepts and instantid is None:
+        raise PlanError("instantid", "face concepts need InstantID's models")
     # until the layout pass finds them, automatic regions cover the image (never blended so)
     masks = [c.mask if c.mask is not None else torch.ones(hw) for c in parsed]
     plan.regions = RegionWeights(masks, hw, back_to_front=plan.back_to_front(), feather_px=opts.feather)

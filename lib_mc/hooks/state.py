@@ -17,6 +17,8 @@ class CallState:
     concept_rows: dict[int, slice] = field(default_factory=dict)
     appearance_alpha: float = 0.0            # image concepts: V = V_concept + alpha * (V_concept - V_reference)
     reference_rows: dict[int, int] = field(default_factory=dict)   # image concept -> its reference row
+    faces: dict = field(default_factory=dict)       # face concept -> its FaceRows (methods/faces/batch.py)
+    residuals: dict = field(default_factory=dict)   # face concept -> (rows, IdentityNet residuals) of this call
 
     def __post_init__(self):
         self.concept_rows = {g.index: g.rows for g in self.rows.concepts()}

@@ -26,6 +26,7 @@ from ..lora.bind import bind_loras
 from ..patcher import PatchSet
 from ..plan import Plan
 from .calls import CallImages, Stats
+from .faces import add_face_patches, add_identity, face_batch
 from .images.inversion import InversionCache
 from .schedule import SamplerSchedule
 
@@ -44,7 +45,9 @@ class HostPass:
     host's VAE encodes it (1, 4, h, w), at the generation's size; schedule, the noise levels the
     sampler will call the denoiser with (see schedule.py); latent_moved({image: x}): the method
     moved these images' latents (in the denoiser's input space, at the level of the call in
-    flight): the host makes them the sampler's own latent once its denoiser call returns."""
+    flight): the host makes them the sampler's own latent once its denoiser call returns.
+    Face concepts: find_faces(latents), the faces (boxes and keypoints) in these latents' images,
+    where each face concept's keypoints go (None: in the upper part of its region)."""
     sample: Callable[[torch.Tensor], torch.Tensor]
     initial: torch.Tensor
     replay_noise: Callable[[], torch.Tensor]
@@ -56,6 +59,7 @@ class HostPass:
     reference: torch.Tensor | None = None
     schedule: SamplerSchedule | None = None
     latent_moved: Callable[[dict[int, torch.Tensor]], None] | None = None
+    find_faces: Callable[[torch.Tensor], list] | None = None   # latents -> per image the faces in them (face concepts)
 
 
 class SessionBase:
@@ -78,6 +82,7 @@ class SessionBase:
         self.run.decoder_self_attention = {m for name, m in unet.named_modules()
                                            if name.endswith("attn1") and ("output_blocks" in name or "up_blocks" in name)}
         self._prepare_patches(warn)   # raises LoraMismatchError before anything is touched
+        self.faces = face_batch(plan)   # face concepts' rows, tokens and keypoint hints per call
         # automatic regions: the class words' cross-attention is recorded while the plain prompt samples
         auto = [plan.concepts[i] for i in plan.auto_concepts]
         self.recorder = AttentionRecorder([c.auto_tokens for c in auto], _tokens_per_image(auto)) if auto else None
@@ -125,12 +130,13 @@ class SessionBase:
         for module, by_concept in ops.items():
             self.patches.add(module, "forward",
                              lambda original, module=module, by_concept=by_concept: self._lora_forward(original, by_concept, module))
-        if not self.attention_on_modules:
-            return
-        for module in self.unet.modules():
-            if is_attention(module):
-                self.patches.add(module, "forward",
-                                 lambda original, module=module: self._attention_forward(module, original))
+        if self.attention_on_modules:
+            for module in self.unet.modules():
+                if is_attention(module):
+                    self.patches.add(module, "forward",
+                                     lambda original, module=module: self._attention_forward(module, original))
+        # face concepts: identity attention (outside the method's own) and the IdentityNet's residuals
+        self._identity_weights = add_face_patches(self.patches, self.unet, self.plan, self.run, self.attention_on_modules)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, *, cross: bool,
                   decoder: bool, host: HostAttention, module=None) -> torch.Tensor:
@@ -143,7 +149,10 @@ class SessionBase:
             if cross:
                 self._record_cross(q, k, heads)
             return out
-        return self._attend(q, k, v, heads, cross=cross, decoder=decoder, host=host, module=module)
+        out = self._attend(q, k, v, heads, cross=cross, decoder=decoder, host=host, module=module)
+        if cross and self._identity_weights:   # face concepts' rows: InstantID's identity attention
+            out = add_identity(out, q, self.run.call, self._identity_weights.get(module), host)
+        return out
 
     def _record_cross(self, q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
         """A cross-attention's q and k (hosts that hand them over) for every recorder that wants it."""
@@ -224,19 +233,34 @@ class SessionBase:
                            total_steps: int) -> torch.Tensor | None:
         """One-pass methods: a call before the start step is the host's own (None from the start
         step on). With automatic regions those calls record the class words' cross-attention and
-        keep the x0 prediction; at the start step the masks are found (the host adds faces and SAM)."""
+        keep the x0 prediction; at the start step the masks are found (the host adds faces and SAM).
+        Face concepts keep the x0 prediction too: their faces are placed on it at the start step."""
         auto_pending = self.recorder is not None and self.plan.image_regions is None
+        faces_pending = self.faces is not None and self.plan.face_kps is None
         if step < self.plan.start_step(total_steps):
-            if not auto_pending:
+            if not (auto_pending or faces_pending):
                 return self._model(model_fn, x, sigma, cond)
-            self.recorder.active, self.recorder.images = True, images.cond
+            if auto_pending:
+                self.recorder.active, self.recorder.images = True, images.cond
             out = self._model(model_fn, x, sigma, cond)
             self._keep_x0(x, sigma, out, images)
             return out
         if auto_pending:
             self.recorder.active = False
             self._find_now()
+        if faces_pending:   # the faces of the x0 prediction so far (none kept: from the first step)
+            self._place_faces(torch.stack([self._x0[b] for b in sorted(self._x0)]) if self._x0 else None)
         return None
+
+    def _place_faces(self, latents: torch.Tensor | None) -> None:
+        """Face concepts: their keypoints go where the layout (these latents) has a face in their
+        region, else in the upper part of it."""
+        if self.faces is None:
+            return
+        host = self._host
+        found = host.find_faces(latents) if host is not None and host.find_faces is not None and latents is not None \
+            else None
+        self.faces.place(found)
 
     def _keep_x0(self, x, sigma, out, images: CallImages) -> None:
         to_x0 = self._host.to_x0 if self._host is not None else None

@@ -91,6 +91,7 @@ class BlendSession(SessionBase):
                     host.find_regions(first)
                 else:
                     self.find_regions()
+            self._place_faces(first)   # face concepts: their keypoints where the layout has their face
             with self.stage2():
                 return host.sample(again)
         finally:
@@ -180,6 +181,8 @@ class BlendSession(SessionBase):
                              replay_self_max_tokens=self._self_replay_tokens() if replay_self else 0,
                              capture_self_tokens=self._self_replay_tokens() if refine else 0,
                              appearance_alpha=self.plan.options.appearance_alpha)
+            if self.faces is not None:
+                call.faces = self.faces.rows(rows, images, x)
             out = self._model(model_fn, torch.cat([p.x for p in chunk]), torch.cat([p.sigma for p in chunk]),
                               conds, call)
             if "self" in call.captured:

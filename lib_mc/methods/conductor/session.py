@@ -131,6 +131,8 @@ class ConductorSession(SessionBase):
             rows = row_plan(chunk)
             call = ConductorCall(rows, plan=self.plan, images=images.all, stored=stored,
                                  appearance_alpha=self.plan.options.appearance_alpha)
+            if self.faces is not None:
+                call.faces = self.faces.rows(rows, images, x)
             conds = stacked_conds(self.plan, self.context_key, [block for p in chunk for block in p.conds],
                                   [b for p in parts for b in p.conds])
             result = self._model(model_fn, torch.cat([p.x for p in chunk]), torch.cat([p.sigma for p in chunk]),

@@ -1,0 +1,82 @@
+"""InstantID's identity attention on a face concept's rows only: every cross-attention adds
+`weight * attention(q, to_k_ip(tokens), to_v_ip(tokens))` to its output before to_out, as
+InstantID's IPAttnProcessor does; the tokens are the concept's identity tokens on its cond rows
+and the Resampler over zeros on its uncond rows (InstantID's negative). Other rows are the
+host's, untouched."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...hooks.attention import _given
+
+
+def _sdpa(q, k, v, heads: int) -> torch.Tensor:
+    b, n, inner = q.shape
+    split = [t.reshape(t.shape[0], -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, n, inner)
+
+
+class IPWeights:
+    """One cross-attention's to_k_ip / to_v_ip, moved to the UNet's device and dtype once."""
+
+    def __init__(self, wk: torch.Tensor, wv: torch.Tensor):
+        self.wk, self.wv = wk, wv
+
+    def on(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.wk.device != like.device or self.wk.dtype != like.dtype:
+            self.wk, self.wv = self.wk.to(like.device, like.dtype), self.wv.to(like.device, like.dtype)
+        return self.wk, self.wv
+
+
+def identity_rows(q: torch.Tensor, faces: dict, weights: IPWeights, attention) -> list[tuple[slice, torch.Tensor]]:
+    """(rows, weighted identity attention before to_out) for each face concept of the call.
+    attention(q, k, v): the host's attention (heads known to it)."""
+    wk, wv = weights.on(q)
+    found = []
+    for face in faces.values():
+        if face.weight <= 0:
+            continue
+        tokens = face.tokens.to(q.device, q.dtype)
+        k, v = F.linear(tokens, wk), F.linear(tokens, wv)
+        found.append((face.rows, face.weight * attention(q[face.rows], k, v)))
+    return found
+
+
+def add_identity(out: torch.Tensor, q: torch.Tensor, call, weights, host) -> torch.Tensor:
+    """Hosts that hand over q, k, v (Forge): out is the attention before to_out."""
+    faces = getattr(call, "faces", None)
+    if not faces or weights is None:
+        return out
+    for rows, extra in identity_rows(q, faces, weights, host):
+        out[rows] = out[rows] + extra.to(out.dtype)
+    return out
+
+
+def make_identity_forward(module, original, run, weights):
+    """A1111: a cross-attention module's forward. The host's (chained) attention computes every
+    row; the face rows then add their identity attention, projected by to_out without its bias
+    (to_out is linear, so this is the same as adding before it; each row's LoRA on to_out acts)."""
+    def forward(x, context=None, mask=None, **kwargs):
+        out = original(x, context=context, mask=mask, **kwargs)
+        call = run.call
+        faces = getattr(call, "faces", None) if call is not None else None
+        if not faces or context is None or context is x or mask is not None or \
+                any(_given(v) for v in kwargs.values()):
+            return out
+        q = module.to_q(x)   # every row, so each row's LoRA on to_q acts as in the host's attention
+        found = identity_rows(q, faces, weights, lambda q_, k_, v_: _sdpa(q_, k_, v_, module.heads))
+        if not found:
+            return out
+        inner = torch.zeros_like(q)
+        for rows, extra in found:
+            inner[rows] = extra.to(inner.dtype)
+        projected = module.to_out(inner)
+        bias = getattr(module.to_out[0], "bias", None)
+        if bias is not None:
+            projected = projected - bias.to(projected.dtype)
+        for rows, _ in found:
+            out[rows] = out[rows] + projected[rows].to(out.dtype)
+        return out
+    return forward

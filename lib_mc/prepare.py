@@ -21,6 +21,7 @@ from .job import IMAGE_MODES, Job, JobError
 from .lora.bind import LoraUse
 from .lora.network import Network, load_network
 from .conds import pad_context
+from .prepare_faces import FacePreparer
 from .plan import Conditioning, Plan, build_plan
 from .prompt_variants import concept_variant
 from .auto.masks import HINTS
@@ -68,6 +69,10 @@ class HostServices(Protocol):
     # image concepts and a kept background: a picture (base64) -> its VAE latent (1, 4, h, w) at the
     # generation's latent size, cropped to cover image_hw (H, W) as the conductor reference is
     def encode_picture(self, png: str, image_hw: tuple[int, int]) -> torch.Tensor: ...
+    # face concepts: antelopev2's FaceAnalysis (lib_mc/faces), and InstantID's (IP-Adapter, IdentityNet
+    # or None) for this UNet; both raise ModelFileError naming the files and folders when missing
+    def face_analysis(self): ...
+    def instantid(self, unet, need_control: bool): ...
 
 
 @dataclass
@@ -102,6 +107,7 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
     if job.mode == "conductor" and job.reference:
         _check_reference(job.reference)
     pictures = _Pictures(services, image_hw, pictures_cache if pictures_cache is not None else {})
+    faces = FacePreparer(job, services, unet, pictures.cache)
     for i, spec in enumerate(job.concepts):
         where = f"concepts[{i}]"
         texts = _branch_prompts(job, i, prompts, warnings)   # the main prompt(s), or the concept's variants
@@ -153,14 +159,14 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
             if spec.reference else {}
         prepared_concepts.append(dict(name=spec.name, cond=cond, uncond=uncond, loras=uses, z=spec.z,
                                       class_tokens=class_tokens.get(i), own_class_tokens=own_tokens, **region,
-                                      **image))
+                                      **image, face=faces.identity(i)))
     # txt2img's kept background (img2img: the host sets the init image's latent)
     background = pictures.latent(job.background, "background") if job.background and job.mode in IMAGE_MODES \
         else None
     for message in warnings:
         warn(f"[Multi-Concept] {message}")
     try:
-        plan = build_plan(prepared_concepts, image_hw, background=background, start_at=job.start_fraction(bool(auto_tokens)),
+        plan = build_plan(prepared_concepts, image_hw, background=background, instantid=faces.models, start_at=job.start_fraction(bool(auto_tokens)),
                           layout_replay=job.layout_replay, self_attn_replay_until=job.self_attn_replay_until,
                           feather=job.feather, refine_every=REFINE_EVERY if job.refine_regions else 0,
                           auto_grow=job.auto_grow, isolation=job.isolation, isolation_until=job.isolation_until,

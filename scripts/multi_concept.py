@@ -44,5 +44,8 @@ class MultiConceptScript(scripts.Script):
     def process_before_every_sampling(self, p, job, **kwargs):
         adapter.process_before_every_sampling(p, **kwargs)
 
+    def postprocess_image(self, p, pp, job):
+        adapter.postprocess_image(p, pp)
+
     def postprocess(self, p, processed, job):
         adapter.postprocess(p, processed)

@@ -34,6 +34,7 @@ lora_names = webui.lora_names
 refresh_lora_names = webui.refresh_lora_names
 process = webui.process
 postprocess = webui.postprocess
+postprocess_image = webui.postprocess_image
 
 
 class ForgeServices(webui.WebUIServices):

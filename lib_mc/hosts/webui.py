@@ -43,7 +43,7 @@ from ..job import IMAGE_MODES, Job, JobError, parse_job
 from ..lora.network import Network
 from ..prepare import LoraFile, Prepared, prepare
 from ..regions import encode_png
-from . import check_model_family, webui_models
+from . import check_model_family, identity_score, webui_models
 from .layout_images import layout_outputs
 from .samplers import check_sampler, evaluations_per_step
 from .webui_xyz import XYZ_ATTR, apply_overrides
@@ -65,6 +65,7 @@ class JobState:
     pictures: dict = field(default_factory=dict)  # prepare's encoded pictures (references, background), once a job
     inversions: InversionCache = field(default_factory=InversionCache)   # pictures inverted by the engine, once a job
     moves: "LatentMoves" = field(default_factory=lambda: LatentMoves())   # latents the engine moved (alignment)
+    identity: dict[int, str] = field(default_factory=dict)   # image index -> its identity scores (face concepts)
 
 
 def state_of(p) -> JobState | None:
@@ -99,6 +100,12 @@ class WebUIServices:
         host's VAE encodes it at the generation's size: (1, 4, h, w). `field` names it in the
         error when it cannot be decoded."""
         return encode_picture(self.p.sd_model, png_b64, image_hw, field)
+
+    def face_analysis(self):
+        return webui_models.face_analysis()
+
+    def instantid(self, unet, need_control: bool):
+        return webui_models.instantid(unet, need_control)
 
     def __init__(self, p):
         self.p = p
@@ -155,6 +162,8 @@ def process(p, job_arg) -> None:
         refuse_and(prompts)
         p._multi_concept = JobState(job)
         p.extra_generation_params[INFOTEXT_KEY] = ImageInfotext(p._multi_concept)
+        if identity_score.wants_score(job):
+            p.extra_generation_params[identity_score.KEY] = identity_score.IdentityInfotext(p._multi_concept)
     except MultiConceptError as exc:
         p._multi_concept = JobState(error=exc)
         print(f"[Multi-Concept] {exc}")
@@ -375,6 +384,8 @@ def _sample_batch(p, state: JobState, counter: StepCount, x: torch.Tensor, sampl
                     find_regions=lambda latents: _find_regions(p, state, latents), layout_done=layout_done,
                     layout_image=layout_image,
                     to_x0=_x0_of(cfg))
+    if state.prepared.plan.face_concepts:
+        host.find_faces = lambda latents: webui_models.find_faces(p, latents, state.prepared.warnings)
     host.reference = reference_latent(p, state)
     if host.reference is not None:
         state.moves.pending.clear()
@@ -570,6 +581,17 @@ def _remember_found(p, state: JobState) -> None:
     for b in range(plan.found_masks.shape[0]):
         index = getattr(p, "iteration", 0) * p.batch_size + b
         state.found[index] = {concept: encode_png(plan.found_masks[b, slot]) for slot, concept in enumerate(auto)}
+
+
+def postprocess_image(p, pp) -> None:
+    """Each generated image, before the WebUI writes its infotext: face concepts' identity scores."""
+    state = state_of(p)
+    if state is None or state.job is None or not identity_score.wants_score(state.job):
+        return
+    try:
+        identity_score.score_image(p, state, pp.image)
+    except Exception as exc:   # a score must never cost the user the image
+        print(f"[Multi-Concept] identity score failed: {exc}")
 
 
 def postprocess(p, processed) -> None:

@@ -150,3 +150,62 @@ def refine(images: Callable[[], list[np.ndarray]], found: torch.Tensor, warnings
             MODELS.free()
         elif getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
             MODELS.offload()
+
+
+# ---- face concepts: antelopev2 (models/insightface) and InstantID (models/instantid, models/ControlNet) ----
+
+_face_analysis: dict[tuple[str, str], object] = {}
+_instantid: dict[tuple, object] = {}
+
+
+def _extensions_dir() -> str | None:
+    try:
+        from modules import paths_internal
+        return paths_internal.extensions_dir
+    except (ImportError, AttributeError):
+        return None
+
+
+def face_analysis():
+    """The antelopev2 pack's detector and recogniser, loaded once; ModelFileError names the files
+    and every folder searched when they are missing."""
+    from ..faces.analysis import FaceAnalysis
+    from ..faces.models import antelopev2_folders, find_antelopev2
+    paths_found = find_antelopev2(antelopev2_folders(paths.models_path, _extensions_dir()))
+    if paths_found not in _face_analysis:
+        _face_analysis.clear()
+        _face_analysis[paths_found] = FaceAnalysis(*paths_found)
+    return _face_analysis[paths_found]
+
+
+def instantid(unet, need_control: bool):
+    """InstantID's IP-Adapter (mapped onto this UNet) and, when asked, its IdentityNet; each file
+    loaded once (the IdentityNet is as large as an SDXL ControlNet)."""
+    from ..faces.instantid.files import find_instantid, instantid_folders
+    from ..faces.instantid.identitynet import load_identitynet
+    from ..faces.instantid.ip_adapter import load_ip_adapter
+    ip_path, net_path = find_instantid(instantid_folders(paths.models_path))
+    key = ("ip", ip_path, id(unet))
+    if key not in _instantid:
+        for old in [k for k in _instantid if k[0] == "ip"]:
+            del _instantid[old]
+        _instantid[key] = load_ip_adapter(ip_path, unet)
+    net = None
+    if need_control:
+        net_key = ("net", net_path)
+        if net_key not in _instantid:
+            for old in [k for k in _instantid if k[0] == "net"]:
+                del _instantid[old]
+            _instantid[net_key] = load_identitynet(net_path)
+        net = _instantid[net_key]
+    return _instantid[key], net
+
+
+def find_faces(p, latents: torch.Tensor, warnings: list[str]) -> list | None:
+    """Faces (boxes, keypoints) in the images of these latents, per image; None without the models."""
+    try:
+        analysis = face_analysis()
+    except sam.ModelFileError as exc:
+        _note(f"face concepts: {exc}: faces placed in the upper part of their regions", warnings)
+        return None
+    return [analysis.faces(image, embed=False) for image in layout_images(p, latents)()]

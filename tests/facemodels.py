@@ -77,10 +77,11 @@ def write_antelopev2(folder) -> tuple[str, str]:
     return detector, recogniser
 
 
-def face(seed: int, side: int) -> np.ndarray:
-    """A (side, side, 3) uint8 'face': bright, with a texture of its own."""
+def face(seed: int, side: int, low: int = 180) -> np.ndarray:
+    """A (side, side, 3) uint8 'face': bright, with a texture of its own (values low..255; the
+    darker, the lower its detection score)."""
     rng = np.random.default_rng(seed)
-    coarse = rng.integers(180, 256, size=(8, 8, 3)).astype(np.uint8)
+    coarse = rng.integers(low, 256, size=(8, 8, 3)).astype(np.uint8)
     return np.kron(coarse, np.ones((side // 8 + 1, side // 8 + 1, 1), dtype=np.uint8))[:side, :side]
 
 

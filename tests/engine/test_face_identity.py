@@ -114,7 +114,7 @@ def test_the_reference_averages_each_photos_largest_face_and_names_a_photo_witho
 
 
 def test_the_score_is_1_for_the_same_face_lower_for_another_and_none_without_a_face(analysis):
-    alice, bob, big = face(8, 64), face(9, 64), face(10, 128)
+    alice, bob, big = face(8, 64), face(9, 64), face(10, 128, low=150)   # big: larger, lower score
     reference, _ = reference_embedding(analysis, [picture((320, 640), [(alice, 16, 16)])])
     image = picture((320, 640), [(alice, 32, 64), (alice, 208, 336), (bob, 64, 512), (big, 160, 96)])
     left, right = np.zeros((320, 640), bool), np.zeros((320, 640), np.float32)
@@ -125,6 +125,8 @@ def test_the_score_is_1_for_the_same_face_lower_for_another_and_none_without_a_f
     other[:, 500:] = True
     assert score_in_region(analysis, image, other, reference) < 0.9
     # alice and a larger face both in the left region: the larger one is the region's face
+    found = analysis.faces(image, embed=False)
+    assert found[0].box[2] - found[0].box[0] == 128 and found[0].score < min(f.score for f in found[1:])
     assert score_in_region(analysis, image, left, reference) < 0.9
     top_left = np.zeros((320, 640), bool)
     top_left[:150, :200] = True
@@ -187,8 +189,11 @@ def test_keypoints_are_drawn_as_instantid_draws_them():
     for (x, y), colour in zip(kps[[0, 1, 3, 4]], [colours[i] for i in (0, 1, 3, 4)]):
         mid = ((np.array([x, y]) + kps[2]) / 2).astype(int)
         assert tuple(drawn[mid[1], mid[0]]) == tuple(int(c * 0.6) for c in colour)
-    left_eye_limb = drawn[105, 80]
-    assert tuple(left_eye_limb) == (153, 0, 0)
+    # 4 px either side of the left eye's limb, nothing at 7 (the limb runs (60, 80) -> (100, 130))
+    across = np.array([-50.0, 40.0]) / np.hypot(50, 40)
+    for off, colour in [(3, (153, 0, 0)), (-3, (153, 0, 0)), (7, (0, 0, 0)), (-7, (0, 0, 0))]:
+        x, y = np.rint(np.array([80.0, 105.0]) + off * across).astype(int)
+        assert tuple(drawn[y, x]) == colour
     far = np.ones((256, 200), bool)
     ys, xs = np.mgrid[:256, :200]
     for x, y in kps:

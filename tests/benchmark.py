@@ -63,7 +63,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmark_models import KOHYA_TARGETS, build_sd15, build_sdxl, sdp_attention_forward, write_kohya_lora  # noqa: E402,F401
+from benchmark_models import (KOHYA_TARGETS, build_instantid, build_sd15, build_sdxl,  # noqa: E402,F401
+                              sdp_attention_forward, write_kohya_lora)
 from lib_mc.engine import HostPass, make_session  # noqa: E402
 from lib_mc.lora import load_network  # noqa: E402
 from lib_mc.memory import GIB, estimate_bytes_per_row, rows_that_fit  # noqa: E402
@@ -165,6 +166,7 @@ def print_memory(measured: float, estimated: int, label: str):
 
 
 REFERENCE_ROW = "conductor 2 reference"
+FACE_ROWS = ("blend 2 face", "conductor 2 face")   # 2 LoRA concepts, the first also a face concept (InstantID)
 IMAGE_ROWS = ("blend 2 image", "blend 2 image+background", "conductor 2 image")   # 2 image concepts each
 
 
@@ -231,6 +233,19 @@ def print_images(results, images: dict, steps: int, latent_hw) -> bool:
               f"{size} B (4 x {latent_hw[0]} x {latent_hw[1]} float32) = {level_bytes} B, "
               f"+ {clean_bytes} B of the clean latents")
     return ok
+
+
+def print_faces(results, face_rows: dict, steps: int) -> None:
+    """A face concept's cost: its row against the same 2 LoRA concepts without the face."""
+    by_label = {r[0]: r for r in results}
+    for label, base in zip(FACE_ROWS, ("blend 2", "conductor 2")):
+        if label not in by_label or base not in by_label:
+            continue
+        face, plain = by_label[label], by_label[base]
+        print(f"{label} (concept 1 also a face concept: identity attention on its rows, the IdentityNet on its "
+              f"rows): {face[3] - plain[3]:+d} UNet evals against {base}, {face_rows.get(label, 0)} IdentityNet rows "
+              f"({face_rows.get(label, 0) / steps:.1f} a step), time x plain {face[4] - plain[4]:+.2f}, "
+              f"peak {face[5] - plain[5]:+.1f} MB")
 
 
 def reference_latent(latent_hw, seed: int = 7) -> torch.Tensor:
@@ -366,7 +381,9 @@ def main(argv=None):
         networks.append(load_network(path))
     progress(f"built {model.description} on {device}; {len(networks)} LoRA files of {layers} layers")
 
-    def plan_for(n, auto=False, images=False, background=False, **options):
+    instantid = build_instantid(model, device) if args.sdxl else None   # face concepts: InstantID is SDXL's
+
+    def plan_for(n, auto=False, images=False, background=False, face=False, **options):
         if auto:   # concept i watches context token 1 + i of the base prompt
             return build_plan([dict(cond=context(10 + i), loras=[(networks[i], 0.8)], auto_tokens=[1 + i])
                                for i in range(n)], (args.size, args.size), start_at=args.start_at)
@@ -378,10 +395,11 @@ def main(argv=None):
         # class word of concept i: context token 1 + i (re-initialisation, enhancement and an image
         # concept's subject found without a reference mask read it)
         pictures = [dict(reference=reference_latent(latent_hw, seed=20 + i)) if images else {} for i in range(n)]
-        return build_plan([dict(cond=context(10 + i), loras=[(networks[i], 0.8)], mask=masks[i],
+        faces = [instantid[1] if face and i == 0 else None for i in range(n)]   # concept 0 a face concept
+        return build_plan([dict(cond=context(10 + i), loras=[(networks[i], 0.8)], mask=masks[i], face=faces[i],
                                 class_tokens=[1 + i], own_class_tokens=[1 + i], **pictures[i]) for i in range(n)],
                           (args.size, args.size), background=reference_latent(latent_hw, seed=30) if background else None,
-                          **{"start_at": args.start_at, **options})
+                          instantid=instantid[0] if face else None, **{"start_at": args.start_at, **options})
 
     def session_for(mode, plan):
         return make_session(mode, unet, plan, context_key=model.context_key)
@@ -390,8 +408,8 @@ def main(argv=None):
         host.route = None
         return run_sampler(host, args.steps, latent_hw, device)
 
-    def two_stage(n, auto=False):
-        session = session_for("blend", plan_for(n, auto))
+    def two_stage(n, auto=False, face=False):
+        session = session_for("blend", plan_for(n, auto, face=face))
         host.route = session.denoise
         with session.stage1():
             run_sampler(host, args.steps, latent_hw, device)
@@ -414,12 +432,12 @@ def main(argv=None):
 
     stats = {}   # run label -> the session's Stats of its latest run
 
-    def conductor(n, reference=False, label=None, **options):
+    def conductor(n, reference=False, label=None, face=False, **options):
         """One pass; drawn regions from the first step, every concept's branch rows beside the
         base rows, mask refinement on its default schedule unless switched off. reference: with
         a reference latent, through session.sample as a host samples a batch: the reference
         inverted at the first call, the latent aligned to its keys in the early steps."""
-        session = session_for("conductor", plan_for(n, start_at=0.0, **options))
+        session = session_for("conductor", plan_for(n, start_at=0.0, face=face, **options))
         stats[label] = session.stats
         host.route = session.denoise
         if not reference:
@@ -455,6 +473,7 @@ def main(argv=None):
 
     plain()  # warm-up
     rows = count_unet_rows(unet)
+    identity_rows = count_unet_rows(instantid[0].identitynet) if instantid else None
     references = ReferenceRowCounter(unet)
     results = []
     runs = [("plain", 0, "plain", plain)]
@@ -463,6 +482,8 @@ def main(argv=None):
         runs += [(f"blend {n} auto", n, "blend", (lambda n=n: two_stage(n, auto=True))) for n in auto_counts]
         runs += [(IMAGE_ROWS[0], 2, "blend image", lambda: image_concepts("blend", label=IMAGE_ROWS[0])),
                  (IMAGE_ROWS[1], 2, "blend image", lambda: image_concepts("blend", background=True, label=IMAGE_ROWS[1]))]
+        if instantid:
+            runs += [(FACE_ROWS[0], 2, "blend", lambda: two_stage(2, face=True))]
     if "regional" in modes:
         runs += [(f"regional {n}", n, "regional", (lambda n=n: regional(n))) for n in counts]
         runs += [("regional 2 no isolation", 2, "regional", lambda: regional(2, isolation=False)),
@@ -473,7 +494,10 @@ def main(argv=None):
         runs += [("conductor 2 no refinement", 2, "conductor", lambda: conductor(2, mask_refine=False)),
                  (REFERENCE_ROW, 2, "conductor", lambda: conductor(2, reference=True, label=REFERENCE_ROW)),
                  (IMAGE_ROWS[2], 2, "conductor image", lambda: image_concepts("conductor", label=IMAGE_ROWS[2]))]
+        if instantid:
+            runs += [(FACE_ROWS[1], 2, "conductor", lambda: conductor(2, face=True, label=FACE_ROWS[1]))]
     plain_times = []
+    face_rows = {}   # face row label -> IdentityNet rows it ran
     not_finite = []
     failed = {}   # label -> the error: a row that fails is reported, the others still run
     timed = []
@@ -485,6 +509,8 @@ def main(argv=None):
                 plain()
                 plain_time, plain_cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 rows.count = 0
+                if identity_rows is not None:
+                    identity_rows.count = 0
                 start, cpu_start = time.perf_counter(), time.process_time()
                 out = fn()
                 elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
@@ -502,6 +528,8 @@ def main(argv=None):
             not_finite.append(label)
         results.append([label, n, mode, rows.count, statistics.median(ratios), None,
                         statistics.median(cpu_ratios)])
+        if label in FACE_ROWS:
+            face_rows[label] = identity_rows.count
         timed.append(fn)
         progress(f"timed {label}: {rows.count} UNet evals, {elapsed:.2f} s (plain {plain_time:.2f} s)")
     # peak memory in runs of their own, after all timing: on the CPU it is sampled by a thread
@@ -522,6 +550,8 @@ def main(argv=None):
         second_batch = (rows.count, images.pop("batch 2"))
     rows.remove()
     references.remove()
+    if identity_rows is not None:
+        identity_rows.remove()
     host.route = None
 
     plain_evals = 2 * args.steps
@@ -553,6 +583,7 @@ def main(argv=None):
     if REFERENCE_ROW in stats and REFERENCE_ROW not in failed:
         print_alignment(results, stats[REFERENCE_ROW], align_name=alignment_layer(unet)[0], steps=args.steps)
     images_ok = print_images(results, images, args.steps, latent_hw)
+    print_faces(results, face_rows, args.steps)
     if second_batch is not None:
         evals, (session, puts, reference_rows, _) = second_batch
         again = session.stats.invert_rows

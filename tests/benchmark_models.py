@@ -157,3 +157,41 @@ def write_kohya_lora(path: str, unet: nn.Module, seed: int, rank: int, alpha: fl
         state[f"{key}.alpha"] = torch.tensor(alpha)
     save_file(state, path)
     return len(state) // 3
+
+
+def build_instantid(model: Model, device: torch.device, seed: int = 0):
+    """InstantID's models for an SDXL-layout UNet, random weights at the UNet's own widths: the
+    IP-Adapter's to_k_ip / to_v_ip for every cross-attention (the Resampler ran once per job in
+    prepare, so a small one gives the 16 identity tokens here), and an IdentityNet as large as an
+    SDXL ControlNet (the UNet's encoder: its levels, ResBlocks and transformer depths).
+    -> (InstantID, FaceIdentity of one face concept)."""
+    import numpy as np
+    from lib_mc.faces.instantid.identitynet import IdentityNet
+    from lib_mc.faces.instantid.ip_adapter import cross_attention_names
+    from lib_mc.faces.instantid.netconfig import NetConfig
+    from lib_mc.faces.instantid.resampler import Resampler
+    from lib_mc.methods.faces import FaceIdentity, InstantID
+    unet = model.unet
+    modules = dict(unet.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(unet.parameters()).dtype
+    layers = {name: tuple((torch.randn(modules[name].to_k.weight.shape, generator=gen) * 0.02).to(device, dtype)
+                          for _ in range(2)) for name in cross_attention_names(unet)}
+    shape = model.shape
+    channels = tuple(shape.channels * m for m in shape.mult)
+    context = modules[next(iter(layers))].to_k.weight.shape[1]
+    config = NetConfig(in_channels=4, channels=channels, layers=shape.res_blocks, depths=tuple(shape.depth),
+                       mid_depth=shape.depth[-1], heads=tuple(max(1, c // min(64, shape.channels)) for c in channels),
+                       context_dim=context, adm_dim=SDXL_ADM, linear=True, hint_channels=3,
+                       hint_embedding=(16, 32, 96, 256))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        net = IdentityNet(config).eval().to(dtype)
+    resampler = Resampler(dim=256, depth=1, heads=4, num_queries=16, embedding_dim=512, output_dim=context,
+                          ff_inner=1024).eval()
+    embedding = torch.randn(512, generator=gen) * 20
+    with torch.no_grad():
+        cond, uncond = resampler(embedding.reshape(1, 1, 512)), resampler(torch.zeros(1, 1, 512))
+    kps = np.array([[0.3, 0.35], [0.7, 0.35], [0.5, 0.55], [0.35, 0.75], [0.65, 0.75]])
+    face = FaceIdentity(embedding.numpy(), kps, 0.8, 0.8, cond.to(device, dtype), uncond.to(device, dtype))
+    return InstantID(layers, net), face

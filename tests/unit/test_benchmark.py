@@ -113,7 +113,11 @@ def test_sdxl_layout(outputs):
     assert counts["plain"] == 2 * STEPS
     assert counts["conductor 2"] == 3 * 2 * STEPS
     assert set(counts) == {"plain", "conductor 2", "conductor 2 no refinement", "conductor 2 reference",
-                           "conductor 2 image"}
+                           "conductor 2 image", "conductor 2 face"}
+    # a face concept adds no UNet evaluation: the IdentityNet runs on its rows, cond and uncond, every step
+    assert counts["conductor 2 face"] == counts["conductor 2"]
+    assert re.search(rf"conductor 2 face \(concept 1 also a face concept.*\): \+0 UNet evals against conductor 2, "
+                     rf"{2 * STEPS} IdentityNet rows", xl), xl
     # SDXL's alignment layer: the fifth transformer of output block 1 (needs the 10-deep level)
     check_reference_row(xl, counts, "output_blocks.1.1.transformer_blocks.4.attn1", blend=False)
     check_image_row(xl, counts, "conductor 2 image", "conductor 2", pictures=2, reference_rows=2 * STEPS)

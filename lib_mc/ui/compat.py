@@ -18,6 +18,15 @@ def latest_wins() -> dict:
     return {} if GRADIO_MAJOR < 4 else {"trigger_mode": "always_last"}
 
 
+def not_in_api() -> dict:
+    """The panel's events are the page's own, not API endpoints (the WebUI's API takes the job
+    as a script argument). Left out of gradio's API info, which gradio 4 builds when it first
+    serves the page, matching every input of every event against every component: with the
+    panel's events each taking all its controls, that took seconds, past the 3 s gradio's
+    launch waits for its own page on a busy machine."""
+    return {"api_name": False}
+
+
 def mask_upload(label: str, **kwargs):
     """An image upload that hands Python a PIL image."""
     if GRADIO_MAJOR < 4:

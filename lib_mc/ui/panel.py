@@ -119,7 +119,7 @@ def _concept_tab(i: int, defaults: list, lora_choices: list[str], elem: str) -> 
                                                     height=160)
         # a face concept (InstantID): folded beside the image concept; one picture slot per photo,
         # each labelled apart (the hosts key values by label), like the reference picture never saved
-        with gr.Accordion("Face concept", open=False, elem_id=e("face")) as face_box:
+        with gr.Accordion("Face concept", open=False, elem_id=e("faces")) as face_box:
             with gr.Row():
                 faces = [compat.mask_upload(f"Face photo {k + 1}", elem_id=e(f"face_{k + 1}"), height=120,
                                             min_width=100) for k in range(len(FACE_FIELDS))]
@@ -279,10 +279,11 @@ def _wire(controls, job, paste_box, count, concepts, lora_names, canvas):
         events = ("upload", "clear") if isinstance(control, gr.Image) else ("input",)
         for event in events:
             getattr(control, event)(compose, inputs=controls, outputs=[job], show_progress=False, queue=False,
-                                    **compat.latest_wins())
+                                    **compat.latest_wins(), **compat.not_in_api())
 
     count.change(lambda n: [compat.update(visible=i < int(n)) for i in range(MAX_UI_CONCEPTS)],
-                 inputs=[count], outputs=[concept.tab for concept in concepts], show_progress=False)
+                 inputs=[count], outputs=[concept.tab for concept in concepts], show_progress=False,
+                 **compat.not_in_api())
     picks = [concept.pick for concept in concepts]
     for concept in concepts:
         # only what this concept's region kind needs; on every change (a paste or the canvas too),
@@ -291,16 +292,17 @@ def _wire(controls, job, paste_box, count, concepts, lora_names, canvas):
         token = concept.values[CONCEPT_FIELDS.index("token")]
         for control in (region, token):   # identity words need the class word their variant replaces
             control.change(lambda kind, words: [compat.update(visible=v) for v in shown_fields(kind, words).values()],
-                           inputs=[region, token], outputs=concept.shown_by_region, show_progress=False, queue=False)
+                           inputs=[region, token], outputs=concept.shown_by_region, show_progress=False, queue=False,
+                           **compat.not_in_api())
         loras_box = concept.values[CONCEPT_FIELDS.index("loras")]
         concept.pick.select(lambda text, name: add_lora(text, name), inputs=[loras_box, concept.pick],
-                            outputs=[loras_box], show_progress=False).then(
-            compose, inputs=controls, outputs=[job], show_progress=False)
+                            outputs=[loras_box], show_progress=False, **compat.not_in_api()).then(
+            compose, inputs=controls, outputs=[job], show_progress=False, **compat.not_in_api())
 
     def refreshed():
         return [compat.update(choices=sorted(lora_names())) for _ in picks]
     for concept in concepts:
-        concept.refresh.click(refreshed, outputs=picks, show_progress=False)
+        concept.refresh.click(refreshed, outputs=picks, show_progress=False, **compat.not_in_api())
 
     faces_at = [len(TOP_FIELDS) + i * len(CONCEPT_FIELDS) + CONCEPT_FIELDS.index(FACE_FIELDS[0])
                 for i in range(MAX_UI_CONCEPTS)]
@@ -313,7 +315,7 @@ def _wire(controls, job, paste_box, count, concepts, lora_names, canvas):
         opened = [compat.update(open=True) if values[at] is not None else compat.update() for at in faces_at]
         return values + [compose(*values)] + opened
     paste_box.change(pasted, inputs=[paste_box], outputs=controls + [job] + [c.face_box for c in concepts],
-                     show_progress=False)
+                     show_progress=False, **compat.not_in_api())
 
 
 def _wire_reference(controls, job, button, picked, elem):
@@ -328,7 +330,7 @@ def _wire_reference(controls, job, button, picked, elem):
         values[at] = image
         return [image, compose(*values)]
     button.click(taken, inputs=[picked] + controls, outputs=[controls[at], job], show_progress=False,
-                 **compat.js_kwargs(PICK_OUTPUT_JS.format(prefix=elem)))
+                 **compat.js_kwargs(PICK_OUTPUT_JS.format(prefix=elem)), **compat.not_in_api())
 
 
 def _wire_canvas(controls, job, canvas, elem):
@@ -341,5 +343,6 @@ def _wire_canvas(controls, job, canvas, elem):
         return [values[t] for t in targets] + [compose(*values)]
     # queue=False: a drawing must not wait behind a running generation in the WebUI's queue
     canvas.input(drawn, inputs=controls, outputs=[controls[t] for t in targets] + [job], show_progress=False,
-                 queue=False, **compat.latest_wins())
-    job.change(None, inputs=[job], outputs=None, show_progress=False, queue=False, **compat.js_kwargs(TO_CANVAS_JS.format(prefix=elem)))
+                 queue=False, **compat.latest_wins(), **compat.not_in_api())
+    job.change(None, inputs=[job], outputs=None, show_progress=False, queue=False, **compat.not_in_api(),
+               **compat.js_kwargs(TO_CANVAS_JS.format(prefix=elem)))

@@ -140,6 +140,37 @@ def edit_every_kind_of_control(page, tmp_path, lora: str | None):
     return job, mask_png
 
 
+def face_photo_file(tmp_path, name: str, colour) -> str:
+    """A face photo to upload (a plain picture: the panel only carries it, it detects nothing)."""
+    path = tmp_path / f"{name}.png"
+    Image.new("RGB", (80, 100), colour).save(path)
+    return str(path)
+
+
+def add_face_photos(page, tmp_path, i: int = 1) -> dict:
+    """Concept i's folded face box: a photo into slot 1 and one into slot 3, then both sliders,
+    checking after each edit that the job holds it and that concept 0 is untouched. Returns the job."""
+    first = job_in_page(page)["concepts"][0] if i else None
+    show_tab(page, i)
+    page.locator(f"{PANEL}_faces_{i} .label-wrap").first.click()
+    slot = lambda k: page.locator(f"{PANEL}_face_{k}_{i} input[type=file]")   # noqa: E731
+    faces = f"job.concepts[{i}].faces"
+    steps = [
+        (lambda: slot(1).set_input_files(face_photo_file(tmp_path, "alice", (200, 40, 40))),
+         f"{faces} && {faces}.length === 1 && job.concepts[{i}].face_weight === 0.8"),
+        (lambda: fill_number(page, f"multi_concept_face_weight_{i}", 1.25), f"job.concepts[{i}].face_weight === 1.25"),
+        (lambda: fill_number(page, f"multi_concept_face_control_{i}", 0), f"job.concepts[{i}].face_control === 0"),
+        (lambda: slot(3).set_input_files(face_photo_file(tmp_path, "alice_side", (40, 40, 200))),
+         f"{faces}.length === 2 && job.concepts[{i}].face_weight === 1.25"),
+    ]
+    for act, condition in steps:
+        act()
+        wait_for_job(page, condition)
+        if first is not None:
+            assert job_in_page(page)["concepts"][0] == first, condition
+    return job_in_page(page)
+
+
 def wait_until(page, check, what: str, timeout_ms=10000):
     """Polls `check()` (Python, reading the page) until it holds; fails naming `what`."""
     for _ in range(timeout_ms // 100):

@@ -16,8 +16,8 @@ import pathlib
 
 import pytest
 
-from panel_page import (MAX_HEIGHT, PANEL, edit_every_kind_of_control, fill_number, job_in_page, mask_png_file,
-                        open_panel, panel_height, pick, show_tab, start_box, wait_for_job, wait_until)
+from panel_page import (MAX_HEIGHT, PANEL, add_face_photos, edit_every_kind_of_control, fill_number, job_in_page,
+                        mask_png_file, open_panel, panel_height, pick, show_tab, start_box, wait_for_job, wait_until)
 
 ADDRESS_VARIABLE = "MULTI_CONCEPT_WEBUI_PAGE"
 CONFIG_VARIABLE = "MULTI_CONCEPT_WEBUI_UI_CONFIG"
@@ -117,6 +117,19 @@ def test_conductor_mode_shows_its_options_and_they_reach_the_job(webui, tmp_path
     webui.fill(f"{PANEL}_token_1 textarea", "alice woman")
     wait_for_job(webui, "job.concepts[1].token === 'alice woman' && job.reference.length > 100")
     webui.locator(f"{PANEL}_class_1").wait_for(state="visible")   # identity words replace the class word
+
+
+def test_face_photos_and_their_sliders_reach_the_job(webui, tmp_path):
+    """Concept 2's folded face box in the real page: two photos into slots 1 and 3 and both
+    sliders reach the job; the WebUI restored no saved value into them."""
+    show_tab(webui, 1)
+    sliders = [webui.locator(f"{PANEL}_face_{name}_1 input[type=number]") for name in ("weight", "control")]
+    webui.locator(f"{PANEL}_faces_1 .label-wrap").first.click()
+    assert [s.input_value() for s in sliders] == ["0.8", "0.8"]
+    webui.locator(f"{PANEL}_faces_1 .label-wrap").first.click()   # folded again: add_face_photos opens it
+    job = add_face_photos(webui, tmp_path, 1)
+    assert len(job["concepts"][1]["faces"]) == 2 and (job["concepts"][1]["face_weight"],
+                                                      job["concepts"][1]["face_control"]) == (1.25, 0)
 
 
 def test_the_panel_as_pictured(webui):

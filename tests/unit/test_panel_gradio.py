@@ -50,3 +50,13 @@ def test_the_mode_offers_blend_and_regional_and_a_one_mode_option_says_which():
     from lib_mc.ui.panel_state import CONCEPT_FIELDS
     token = panel.controls[len(TOP_FIELDS) + CONCEPT_FIELDS.index("token")]
     assert token.label == "Identity words (token)" and getattr(token, "do_not_save_to_config", False)
+
+
+def test_the_panels_events_are_no_api_endpoints():
+    """The panel's events feed the page only (the API takes the job as a script argument): left
+    out of gradio's API info, which gradio 4 builds when it first serves the page (seconds with
+    every event taking every control: past the 3 s its launch waits for its own page)."""
+    with gr.Blocks() as demo:
+        build_panel(lambda: [])
+    dependencies = demo.config["dependencies"]
+    assert len(dependencies) > 100 and all(d["api_name"] is False for d in dependencies)

@@ -342,3 +342,20 @@ def test_missing_files_are_named_with_every_folder_searched(tmp_path, xl_unet):
     with pytest.raises(ModelFileError) as only_net:
         find_instantid(folders)
     assert "IdentityNet" in str(only_net.value) and "IP-Adapter (" not in str(only_net.value)
+
+
+def test_the_identitynet_loads_while_a1111_has_replaced_load_state_dict(tmp_path, monkeypatch):
+    """A1111 swaps torch.nn.Module.load_state_dict for a stand-in without `assign` while it loads
+    a checkpoint (sd_disable_initialization.LoadStateDictOnMeta); a job prepared meanwhile (or
+    after a failed checkpoint switch left it swapped) must still load the IdentityNet."""
+    write_identitynet_file(tmp_path / "control_instant_id_sdxl.safetensors", seed=3)
+    reference = load_identitynet(str(tmp_path / "control_instant_id_sdxl.safetensors"))
+    original = nn.Module.load_state_dict
+
+    def stand_in(module, state_dict, strict=True):   # A1111's signature: no assign
+        return original(module, state_dict, strict=strict)
+    monkeypatch.setattr(nn.Module, "load_state_dict", stand_in)
+    net = load_identitynet(str(tmp_path / "control_instant_id_sdxl.safetensors"))
+    for (name, a), (_, b) in zip(net.named_parameters(), reference.named_parameters()):
+        assert torch.equal(a, b), name
+    assert not any(p.is_meta for p in net.parameters())

@@ -106,6 +106,21 @@ def _weights_of(path: str) -> tuple[str, dict]:
     return path, {}
 
 
+def _take(net: nn.Module, state: dict) -> None:
+    """The file's tensors become the (meta) parameters, checked like a strict load_state_dict.
+    Set one by one rather than through Module.load_state_dict: A1111 replaces that method while
+    it loads a checkpoint (sd_disable_initialization), and its stand-in takes no `assign`."""
+    params = dict(net.named_parameters())
+    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or unexpected:
+        raise KeyError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, param in params.items():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise ValueError(f"{name} is {tuple(state[name].shape)}, expected {tuple(param.shape)}")
+        owner, _, attr = name.rpartition(".")
+        setattr(net.get_submodule(owner), attr, nn.Parameter(state[name], requires_grad=False))
+
+
 def load_identitynet(path: str, dtype: torch.dtype | None = None, head_channels: int = HEAD_CHANNELS) -> IdentityNet:
     """The official diffusers folder (config.json + diffusion_pytorch_model.safetensors) or one
     .safetensors with the same keys (control_instant_id_sdxl.safetensors; sizes from the tensors,
@@ -127,7 +142,7 @@ def load_identitynet(path: str, dtype: torch.dtype | None = None, head_channels:
         cfg = config_from_state(state, settings, head_channels)
         with torch.device("meta"):   # no random init of ~1.2e9 parameters: the file's tensors become them
             net = IdentityNet(cfg)
-        net.load_state_dict(state, assign=True)
+        _take(net, state)
     except (KeyError, ValueError, RuntimeError, StopIteration) as exc:
         raise ModelFileError(f"{weights}: its ControlNet weights are incomplete or misshapen ({exc})") from exc
     net.eval()

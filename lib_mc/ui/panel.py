@@ -124,12 +124,13 @@ def _concept_tab(i: int, defaults: list, lora_choices: list[str], elem: str) -> 
                 faces = [compat.mask_upload(f"Face photo {k + 1}", elem_id=e(f"face_{k + 1}"), height=120,
                                             min_width=100) for k in range(len(FACE_FIELDS))]
             with gr.Row():
-                face_weight = gr.Slider(0, 2, d["face_weight"], step=0.05, label="Face weight", elem_id=e("face_weight"),
-                                        info="Identity from the photos (InstantID's IP-Adapter scale)")
+                face_weight = gr.Slider(0, 2, d["face_weight"], step=0.05, label="Face weight",
+                                        elem_id=e("face_weight"),
+                                        info="How strongly the photos' identity acts (InstantID's IP-Adapter scale)")
                 face_control = gr.Slider(0, 2, d["face_control"], step=0.05, label="Face control",
                                          elem_id=e("face_control"),
-                                         info="Face pose from its keypoints (IdentityNet's scale); both 0: the "
-                                              "photos only score the likeness")
+                                         info="How firmly the face's keypoints hold it in place (IdentityNet's "
+                                              "scale); both 0: the photos only score the likeness")
     values = [name, loras, prompt, negative, class_word, token, region, x, y, w, h, mask, reference, reference_mask,
               *faces, face_weight, face_control]
     for component in values + [pick, refresh]:

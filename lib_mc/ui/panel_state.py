@@ -360,6 +360,6 @@ def decompose(text: str) -> list | None:
                 "auto": DRAWN if r.found else (AUTO_BOX if r.boxed else "auto")}[r.type]
         values += [c.name, format_loras(c.loras), c.prompt, c.negative_prompt, c.class_word, c.token, kind,
                    r.x, r.y, r.w, r.h, None, reference_image(c.reference), reference_image(c.reference_mask)]
-        faces = [reference_image(png) for png in c.faces[:MAX_FACES]]
+        faces = [image for image in map(reference_image, c.faces[:MAX_FACES]) if image is not None]
         values += faces + [None] * (MAX_FACES - len(faces)) + [c.face_weight, c.face_control]
     return values

@@ -6,10 +6,15 @@ host's, untouched."""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from ...hooks.attention import _given
+from ...hooks.state import CallState
+from ...rows import RowPlan
 
 
 def _sdpa(q, k, v, heads: int) -> torch.Tensor:
@@ -54,10 +59,25 @@ def add_identity(out: torch.Tensor, q: torch.Tensor, call, weights, host) -> tor
     return out
 
 
+@contextlib.contextmanager
+def _face_rows_only(run, index: int, rows: slice):
+    """Layers run on one face concept's rows alone: the per-row LoRA hooks see a call that is
+    just those rows, so the concept's LoRA acts on them (and nothing is computed for the others)."""
+    call = run.call
+    alone = RowPlan()
+    alone.add("concept", rows.stop - rows.start, 0, index)
+    run.call = CallState(alone)
+    try:
+        yield
+    finally:
+        run.call = call
+
+
 def make_identity_forward(module, original, run, weights):
     """A1111: a cross-attention module's forward. The host's (chained) attention computes every
-    row; the face rows then add their identity attention, projected by to_out without its bias
-    (to_out is linear, so this is the same as adding before it; each row's LoRA on to_out acts)."""
+    row; each face concept's rows then add their identity attention, projected by to_out without
+    its bias (to_out is linear, so this is the same as adding before it), q and to_out through
+    the concept's LoRA, computed on those rows only."""
     def forward(x, context=None, mask=None, **kwargs):
         out = original(x, context=context, mask=mask, **kwargs)
         call = run.call
@@ -65,18 +85,18 @@ def make_identity_forward(module, original, run, weights):
         if not faces or context is None or context is x or mask is not None or \
                 any(_given(v) for v in kwargs.values()):
             return out
-        q = module.to_q(x)   # every row, so each row's LoRA on to_q acts as in the host's attention
-        found = identity_rows(q, faces, weights, lambda q_, k_, v_: _sdpa(q_, k_, v_, module.heads))
-        if not found:
-            return out
-        inner = torch.zeros_like(q)
-        for rows, extra in found:
-            inner[rows] = extra.to(inner.dtype)
-        projected = module.to_out(inner)
-        bias = getattr(module.to_out[0], "bias", None)
-        if bias is not None:
-            projected = projected - bias.to(projected.dtype)
-        for rows, _ in found:
-            out[rows] = out[rows] + projected[rows].to(out.dtype)
+        for index, face in faces.items():
+            if face.weight <= 0:
+                continue
+            rows = face.rows
+            with _face_rows_only(run, index, rows):
+                q = module.to_q(x[rows])
+                (_, extra), = identity_rows(q, {index: replace(face, rows=slice(0, len(q)))}, weights,
+                                            lambda q_, k_, v_: _sdpa(q_, k_, v_, module.heads))
+                projected = module.to_out(extra.to(q.dtype))
+            bias = getattr(module.to_out[0], "bias", None)
+            if bias is not None:
+                projected = projected - bias.to(projected.dtype)
+            out[rows] = out[rows] + projected.to(out.dtype)
         return out
     return forward

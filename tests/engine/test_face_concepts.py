@@ -22,6 +22,7 @@ from lib_mc.methods.faces.placement import hint_image, place_faces
 from lib_mc.plan import build_plan
 from instantid_files import write_identitynet_folder, write_ip_adapter
 from tinyhost import merged_copy
+from test_sdxl import rows_of
 from tinyxl import TinyXL, XLCFGHost, make_xl_unet, write_xl_lora, xl_cond
 
 IMAGE = (128, 128)
@@ -63,11 +64,6 @@ def plan_for(world, face=None, **options):
         dict(name="alice", cond=world["alice_cond"], loras=[(world["lora"], 0.8)], mask=column(0, 64), face=face),
         dict(name="bob", cond=world["bob_cond"], mask=column(64, 128)),
     ], IMAGE, instantid=models, **{"start_at": 0.0, "layout_replay": False, **options})
-
-
-def rows_of(cond, uncond, batch):
-    return {k: torch.cat([cond[k].expand(batch, *cond[k].shape[1:]), uncond[k].expand(batch, *uncond[k].shape[1:])])
-            for k in ("crossattn", "vector")}
 
 
 class UNetCalls:

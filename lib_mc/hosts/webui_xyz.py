@@ -5,6 +5,8 @@ from __future__ import annotations
 from ..job import MODES, Job, parse_job
 
 XYZ_ATTR = "multi_concept_xyz"
+# axes that set a field of every face concept (a concept with face photos), not of the job
+FACE_FIELDS = ("face_weight", "face_control")
 
 
 def _setter(key, convert):
@@ -31,7 +33,12 @@ def apply_overrides(job: Job, overrides: dict) -> Job:
     its field, like the same value in the panel or the API."""
     if not overrides:
         return job
-    return parse_job({**job.to_dict(), **overrides})
+    data = job.to_dict()
+    top = {k: v for k, v in overrides.items() if k not in FACE_FIELDS}
+    for concept in data["concepts"]:
+        if concept.get("faces"):
+            concept.update({k: v for k, v in overrides.items() if k in FACE_FIELDS})
+    return parse_job({**data, **top})
 
 
 def axis_specs():
@@ -59,6 +66,8 @@ def axis_specs():
         ("[Multi-Concept] Appearance alpha", float, _setter("appearance_alpha", float), None),
         ("[Multi-Concept] Dilution beta", float, _setter("dilution_beta", float), None),
         ("[Multi-Concept] Dilution expand", float, _setter("dilution_expand", float), None),
+        ("[Multi-Concept] Face weight (every face concept)", float, _setter("face_weight", float), None),
+        ("[Multi-Concept] Face control (every face concept)", float, _setter("face_control", float), None),
     ]
 
 

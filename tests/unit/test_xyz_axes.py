@@ -66,3 +66,23 @@ def test_conductor_axes_set_the_mode_and_its_options():
     assert (job.mode, job.mask_refine, job.align_until, job.align_step) == ("conductor", False, 0.2, 20.0)
     with pytest.raises(JobError, match=r"^align_until: must be <= 1, got 3 \(a conductor-mode option\)"):
         apply_overrides(job, {"align_until": 3.0})
+
+
+def test_face_axes_set_every_face_concept_and_no_other():
+    import base64
+    import io
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 150, 120)).save(buffer, format="PNG")
+    photo = base64.b64encode(buffer.getvalue()).decode("ascii")
+    specs = {label: (kind, apply, choices) for label, kind, apply, choices in axis_specs()}
+    p = SimpleNamespace()
+    specs["[Multi-Concept] Face weight (every face concept)"][1](p, "0.5", None)
+    specs["[Multi-Concept] Face control (every face concept)"][1](p, "1.2", None)
+    job = parse_job({"concepts": [{"name": "alice", "faces": [photo]}, {"name": "plain"},
+                                  {"name": "bob", "faces": [photo], "face_weight": 0.3}]})
+    moved = apply_overrides(job, getattr(p, XYZ_ATTR))
+    assert [(c.face_weight, c.face_control) for c in moved.concepts] == [(0.5, 1.2), (0.8, 0.8), (0.5, 1.2)]
+    assert moved.concepts[0].faces == [photo] and not moved.concepts[1].faces
+    with pytest.raises(JobError, match=r"concepts\[0\]\.face_weight: must be <= 2"):
+        apply_overrides(job, {"face_weight": 2.5})

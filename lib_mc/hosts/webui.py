@@ -150,6 +150,7 @@ class WebUIServices:
 
 def process(p, job_arg) -> None:
     p._multi_concept = None
+    webui_models.offload_instantid()   # a face job's IdentityNet leaves the GPU before any next job
     try:
         job = apply_overrides(parse_job(job_arg), getattr(p, XYZ_ATTR, None) or {})
         if not job.enabled:

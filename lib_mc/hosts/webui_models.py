@@ -201,6 +201,18 @@ def instantid(unet, need_control: bool):
     return _instantid[key], net
 
 
+def offload_instantid() -> None:
+    """The IdentityNet back in CPU memory between jobs: it is as large as an SDXL ControlNet
+    (about 2.5 GB in fp16) and a face job moves it to the GPU at its first call; a later job,
+    with faces or without, must not find the card that much fuller."""
+    for key, model in _instantid.items():
+        if key[0] != "net":
+            continue
+        weight = next(model.parameters(), None)
+        if weight is not None and weight.device.type != "cpu":
+            model.to("cpu")
+
+
 def find_faces(p, latents: torch.Tensor, warnings: list[str]) -> list | None:
     """Faces (boxes, keypoints) in the images of these latents, per image; None without the models."""
     try:

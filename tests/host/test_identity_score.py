@@ -91,3 +91,28 @@ def test_a_job_without_face_photos_writes_no_score(models):
     assert identity_score.KEY not in p.extra_generation_params
     webui.postprocess_image(p, SimpleNamespace(image=generated()))
     assert p._multi_concept.identity == {}
+
+
+def test_every_next_job_finds_the_identitynet_back_in_cpu_memory(monkeypatch):
+    """A face job moves the IdentityNet to the GPU at its first call; `process` of the next job
+    (with Multi-Concept or without) moves it back."""
+    class OnTheCard(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(2))
+            self.moves = []
+
+        def parameters(self, recurse=True):   # as if on the card (no CUDA here)
+            yield SimpleNamespace(device=torch.device("cuda" if not self.moves else "cpu"))
+
+        def to(self, *args, **kwargs):
+            self.moves.append(args)
+            return self
+    net = OnTheCard()
+    monkeypatch.setattr(webui_models, "_instantid", {("net", "/models/instantid/ControlNetModel"): net,
+                                                     ("ip", "/models/instantid/ip-adapter.bin", 1): object()})
+    webui.process(SimpleNamespace(prompt="a cat", sampler_name="Euler a", extra_generation_params={}),
+                  {"enabled": False})
+    assert net.moves == [("cpu",)]
+    webui.process(SimpleNamespace(prompt="a cat", sampler_name="Euler a", extra_generation_params={}), None)
+    assert net.moves == [("cpu",)]   # already there: not moved again

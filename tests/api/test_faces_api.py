@@ -89,3 +89,19 @@ def test_a_photo_without_a_face_is_named_and_the_next_image_is_plain(sdxl, photo
     assert response.status_code >= 400 and "concepts[0].faces[0]" in response.text, response.text
     after = txt2img(sdxl, seed=8, **SIZE)
     assert np.array_equal(pixels(after.json()["images"][0]), pixels(plain.json()["images"][0]))
+
+
+def test_a_batch_of_two_with_hires_fix_scores_every_image(sdxl, photos):
+    """Batch size 2 (each image its own score) and the hires pass (the keypoints drawn again at
+    its size, the face rows carried into it)."""
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.5,
+             "hr_second_pass_steps": 2}
+    plain = txt2img(sdxl, seed=9, batch_size=2, **SIZE, **hires)
+    assert plain.status_code == 200, plain.text
+    faced = txt2img(sdxl, seed=9, batch_size=2, **SIZE, **hires, **with_job(faces_job(photos)))
+    assert faced.status_code == 200, faced.text
+    infotexts = json.loads(faced.json()["info"])["infotexts"]
+    assert len(infotexts) == 2 and all("Multi-Concept identity: " in text for text in infotexts), infotexts
+    assert "Multi-Concept warnings" not in infotexts[0], infotexts[0]   # the hires pass kept the concepts
+    for ours, theirs in zip(faced.json()["images"], plain.json()["images"]):
+        assert pixels(ours).shape == (384, 384, 3) and not np.array_equal(pixels(ours), pixels(theirs))

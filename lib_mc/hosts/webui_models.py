@@ -35,14 +35,15 @@ def _note(message: str, warnings: list[str]) -> None:
 
 def layout_images(p, layout_latents: torch.Tensor) -> Callable[[], list[np.ndarray]]:
     """The decoded layout images, decoded on first use only: with neither a face detector nor
-    SAM at work, the VAE is not run."""
-    decoded: list[np.ndarray] = []
-
+    SAM at work, the VAE is not run. The same latents (automatic regions, then where face
+    concepts' faces are) are decoded once: the last decode is kept on `p` with its tensor."""
     def images() -> list[np.ndarray]:
-        if not decoded:
+        kept = getattr(p, "_multi_concept_decoded", None)
+        if kept is None or kept[0] is not layout_latents:
             out = decode(p.sd_model, layout_latents)
-            decoded.extend(np.asarray(image) for image in to_images(out))
-        return decoded
+            kept = (layout_latents, [np.asarray(image) for image in to_images(out)])
+            p._multi_concept_decoded = kept
+        return kept[1]
     return images
 
 

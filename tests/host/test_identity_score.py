@@ -116,3 +116,20 @@ def test_every_next_job_finds_the_identitynet_back_in_cpu_memory(monkeypatch):
     assert net.moves == [("cpu",)]
     webui.process(SimpleNamespace(prompt="a cat", sampler_name="Euler a", extra_generation_params={}), None)
     assert net.moves == [("cpu",)]   # already there: not moved again
+
+
+def test_the_layout_is_decoded_once_for_regions_and_faces(models):
+    """Automatic regions and face placement look at the same layout image: one VAE decode;
+    another batch's layout is decoded again."""
+    decoded = []
+
+    def decode_first_stage(latents):
+        decoded.append(latents)
+        return torch.zeros(latents.shape[0], 3, 64, 64)
+    p = SimpleNamespace(sd_model=SimpleNamespace(first_stage_model=None, decode_first_stage=decode_first_stage))
+    first = torch.zeros(1, 4, 8, 8)
+    regions = webui_models.layout_images(p, first)()
+    faces = webui_models.find_faces(p, first, [])
+    assert len(decoded) == 1 and len(regions) == 1 and faces == [[]]
+    webui_models.find_faces(p, torch.zeros(1, 4, 8, 8), [])
+    assert len(decoded) == 2

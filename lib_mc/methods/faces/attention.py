@@ -24,15 +24,18 @@ def _sdpa(q, k, v, heads: int) -> torch.Tensor:
 
 
 class IPWeights:
-    """One cross-attention's to_k_ip / to_v_ip, moved to the UNet's device and dtype once."""
+    """One cross-attention's to_k_ip / to_v_ip, placed on each device and dtype it is asked for
+    once (from the loaded weights, so a cast never compounds)."""
 
     def __init__(self, wk: torch.Tensor, wv: torch.Tensor):
         self.wk, self.wv = wk, wv
+        self._placed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def on(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.wk.device != like.device or self.wk.dtype != like.dtype:
-            self.wk, self.wv = self.wk.to(like.device, like.dtype), self.wv.to(like.device, like.dtype)
-        return self.wk, self.wv
+        key = (like.device, like.dtype)
+        if key not in self._placed:
+            self._placed[key] = (self.wk.to(*key), self.wv.to(*key))
+        return self._placed[key]
 
 
 def identity_rows(q: torch.Tensor, faces: dict, weights: IPWeights, attention) -> list[tuple[slice, torch.Tensor]]:

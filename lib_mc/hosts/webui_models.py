@@ -155,8 +155,16 @@ def refine(images: Callable[[], list[np.ndarray]], found: torch.Tensor, warnings
 
 # ---- face concepts: antelopev2 (models/insightface) and InstantID (models/instantid, models/ControlNet) ----
 
-_face_analysis: dict[tuple[str, str], object] = {}
-_instantid: dict[tuple, object] = {}
+_loaded: dict[str, tuple] = {}   # kind -> (what it was loaded from, the model): the last of each kind only
+
+
+def _last_loaded(kind: str, key, load):
+    """The model of this kind loaded from `key`, loaded once; another key replaces it (one of each
+    kind is held: the IdentityNet is as large as an SDXL ControlNet)."""
+    if _loaded.get(kind, (None,))[0] != key:
+        _loaded.pop(kind, None)   # the old one goes before the new one loads
+        _loaded[kind] = (key, load())
+    return _loaded[kind][1]
 
 
 def _extensions_dir() -> str | None:
@@ -172,46 +180,30 @@ def face_analysis():
     and every folder searched when they are missing."""
     from ..faces.analysis import FaceAnalysis
     from ..faces.models import antelopev2_folders, find_antelopev2
-    paths_found = find_antelopev2(antelopev2_folders(paths.models_path, _extensions_dir()))
-    if paths_found not in _face_analysis:
-        _face_analysis.clear()
-        _face_analysis[paths_found] = FaceAnalysis(*paths_found)
-    return _face_analysis[paths_found]
+    found = find_antelopev2(antelopev2_folders(paths.models_path, _extensions_dir()))
+    return _last_loaded("antelopev2", found, lambda: FaceAnalysis(*found))
 
 
 def instantid(unet, need_control: bool):
     """InstantID's IP-Adapter (mapped onto this UNet) and, when asked, its IdentityNet; each file
-    loaded once (the IdentityNet is as large as an SDXL ControlNet)."""
+    loaded once."""
     from ..faces.instantid.files import find_instantid, instantid_folders
     from ..faces.instantid.identitynet import load_identitynet
     from ..faces.instantid.ip_adapter import load_ip_adapter
     ip_path, net_path = find_instantid(instantid_folders(paths.models_path))
-    key = ("ip", ip_path, id(unet))
-    if key not in _instantid:
-        for old in [k for k in _instantid if k[0] == "ip"]:
-            del _instantid[old]
-        _instantid[key] = load_ip_adapter(ip_path, unet)
-    net = None
-    if need_control:
-        net_key = ("net", net_path)
-        if net_key not in _instantid:
-            for old in [k for k in _instantid if k[0] == "net"]:
-                del _instantid[old]
-            _instantid[net_key] = load_identitynet(net_path)
-        net = _instantid[net_key]
-    return _instantid[key], net
+    ip = _last_loaded("ip", (ip_path, id(unet)), lambda: load_ip_adapter(ip_path, unet))
+    net = _last_loaded("net", net_path, lambda: load_identitynet(net_path)) if need_control else None
+    return ip, net
 
 
 def offload_instantid() -> None:
-    """The IdentityNet back in CPU memory between jobs: it is as large as an SDXL ControlNet
-    (about 2.5 GB in fp16) and a face job moves it to the GPU at its first call; a later job,
-    with faces or without, must not find the card that much fuller."""
-    for key, model in _instantid.items():
-        if key[0] != "net":
-            continue
-        weight = next(model.parameters(), None)
-        if weight is not None and weight.device.type != "cpu":
-            model.to("cpu")
+    """The IdentityNet back in CPU memory between jobs: a face job moves it to the GPU at its
+    first call (about 2.5 GB in fp16); a later job, with faces or without, must not find the card
+    that much fuller."""
+    net = _loaded.get("net", (None, None))[1]
+    weight = next(net.parameters(), None) if net is not None else None
+    if weight is not None and weight.device.type != "cpu":
+        net.to("cpu")
 
 
 def find_faces(p, latents: torch.Tensor, warnings: list[str]) -> list | None:

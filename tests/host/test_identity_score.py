@@ -24,9 +24,9 @@ from facemodels import face, picture, write_antelopev2
 def models(tmp_path, monkeypatch):
     write_antelopev2(tmp_path / "insightface" / "models" / "antelopev2")
     monkeypatch.setattr(webui_models.paths, "models_path", str(tmp_path))
-    webui_models._face_analysis.clear()
+    webui_models._loaded.pop("antelopev2", None)
     yield webui_models.face_analysis()
-    webui_models._face_analysis.clear()
+    webui_models._loaded.pop("antelopev2", None)
 
 
 def png(pixels) -> str:
@@ -109,8 +109,8 @@ def test_every_next_job_finds_the_identitynet_back_in_cpu_memory(monkeypatch):
             self.moves.append(args)
             return self
     net = OnTheCard()
-    monkeypatch.setattr(webui_models, "_instantid", {("net", "/models/instantid/ControlNetModel"): net,
-                                                     ("ip", "/models/instantid/ip-adapter.bin", 1): object()})
+    monkeypatch.setattr(webui_models, "_loaded", {"net": ("/models/instantid/ControlNetModel", net),
+                                                  "ip": (("/models/instantid/ip-adapter.bin", 1), object())})
     webui.process(SimpleNamespace(prompt="a cat", sampler_name="Euler a", extra_generation_params={}),
                   {"enabled": False})
     assert net.moves == [("cpu",)]

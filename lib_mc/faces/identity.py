@@ -32,11 +32,15 @@ def reference_embedding(analysis, pictures: list[np.ndarray], field: str = "face
 def score_in_region(analysis, image: np.ndarray, region: np.ndarray, reference: np.ndarray) -> float | None:
     """Cosine similarity between the reference and the largest face whose box centre lies in the
     region ((H, W) at the image's size); None when no face is there."""
-    region = np.asarray(region)
-    h, w = region.shape
     for face in analysis.faces(image, embed=False):   # largest first
-        x0, y0, x1, y1 = (float(v) for v in face.box[:4])
-        cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
-        if 0 <= cy < h and 0 <= cx < w and float(region[cy, cx]) > 0.5:
+        if in_region(face.box, region):
             return cosine(analysis.embed(image, face.kps), reference)
     return None
+
+
+def in_region(box, region: np.ndarray) -> bool:
+    """A face belongs to a region when its box centre lies in it ((H, W), > 0.5 = inside)."""
+    x0, y0, x1, y1 = (float(v) for v in box[:4])
+    cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+    h, w = np.shape(region)
+    return 0 <= cy < h and 0 <= cx < w and float(region[cy][cx]) > 0.5

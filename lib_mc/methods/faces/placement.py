@@ -17,16 +17,10 @@ def region_mask(regions, index: int, image_hw: tuple[int, int]) -> np.ndarray:
     return (up > 0.5).cpu().numpy()
 
 
-def _inside(face, region: np.ndarray) -> bool:
-    x0, y0, x1, y1 = (float(v) for v in face.box[:4])
-    cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
-    h, w = region.shape
-    return 0 <= cy < h and 0 <= cx < w and bool(region[cy, cx])
-
-
 def place_faces(plan, layout_faces: list | None = None) -> dict[int, list[np.ndarray]]:
     """concept -> per image (5, 2) keypoints in image fractions (x / W, y / H).
     layout_faces[b]: the faces found in image b's layout (largest first), or None."""
+    from ...faces.identity import in_region
     from ...faces.keypoints import default_face_box, place
     hw = tuple(plan.image_size)
     per_image = plan.image_regions or [plan.regions]
@@ -38,7 +32,7 @@ def place_faces(plan, layout_faces: list | None = None) -> dict[int, list[np.nda
         faces = list(layout_faces[min(b, len(layout_faces) - 1)]) if layout_faces else []
         for i in sorted(plan.face_concepts, key=lambda c: -_front(plan, c)):   # the front concept picks first
             region = region_mask(regions, i, hw)
-            k = next((k for k, f in enumerate(faces) if _inside(f, region)), None)
+            k = next((k for k, f in enumerate(faces) if in_region(f.box, region)), None)
             if k is not None:   # taken: a face is one concept's (Face holds arrays: pop by position)
                 kps = np.asarray(faces.pop(k).kps, dtype=np.float64)
             else:

@@ -37,6 +37,14 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.view(b, n, heads, inner // heads).transpose(1, 2)
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Projected q (B, n, heads * d), k and v (B, m, heads * d) -> their attention (B, n, heads * d),
+    before to_out, by torch's scaled_dot_product_attention."""
+    b, n, inner = q.shape
+    split = [t.reshape(t.shape[0], -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v)]
+    return torch.nn.functional.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, n, inner)
+
+
 def _wants_capture(call: CallState, cross: bool, n_tokens: int, decoder: bool) -> bool:
     return not cross and decoder and call.capture_self_tokens == n_tokens and "self" not in call.captured
 

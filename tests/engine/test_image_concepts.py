@@ -13,7 +13,7 @@ from lib_mc.engine import make_session
 from lib_mc.errors import EngineError, PlanError
 from lib_mc.hosts.forge_routing import install_attention, make_unet_wrapper
 from lib_mc.methods.base import HostPass
-from lib_mc.methods.images.attention import _attention
+from lib_mc.hooks.attention import sdpa
 from lib_mc.methods.images.dilution import expanded_box
 from lib_mc.methods.images.inversion import invert_levels
 from lib_mc.methods.schedule import SamplerSchedule
@@ -264,10 +264,10 @@ def test_the_concept_rows_self_attention_takes_the_reference_rows_keys_and_guide
         q, v = lora_module.to_q(x[concept]), lora_module.to_v(x[concept])
         k_ref, v_ref = module.to_k(x[ref:ref + 1]), module.to_v(x[ref:ref + 1])
         guided = v + alpha * (v - v_ref)
-        expected = lora_module.to_out(_attention(q, k_ref.expand_as(q), guided, module.heads))
-        unguided = lora_module.to_out(_attention(q, lora_module.to_k(x[concept]), v, module.heads))
+        expected = lora_module.to_out(sdpa(q, k_ref.expand_as(q), guided, module.heads))
+        unguided = lora_module.to_out(sdpa(q, lora_module.to_k(x[concept]), v, module.heads))
         base = rows.find("base").rows
-        plain = module.to_out(_attention(module.to_q(x[base]), module.to_k(x[base]), module.to_v(x[base]), module.heads))
+        plain = module.to_out(sdpa(module.to_q(x[base]), module.to_k(x[base]), module.to_v(x[base]), module.heads))
     torch.testing.assert_close(out[concept], expected, rtol=1e-4, atol=1e-5)
     assert (out[concept] - unguided).abs().max() > 1e-3
     torch.testing.assert_close(out[base], plain, rtol=1e-4, atol=1e-5)

@@ -12,15 +12,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from ...hooks.attention import _given
+from ...hooks.attention import _given, sdpa
 from ...hooks.state import CallState
 from ...rows import RowPlan
-
-
-def _sdpa(q, k, v, heads: int) -> torch.Tensor:
-    b, n, inner = q.shape
-    split = [t.reshape(t.shape[0], -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v)]
-    return F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, n, inner)
 
 
 class IPWeights:
@@ -95,7 +89,7 @@ def make_identity_forward(module, original, run, weights):
             with _face_rows_only(run, index, rows):
                 q = module.to_q(x[rows])
                 (_, extra), = identity_rows(q, {index: replace(face, rows=slice(0, len(q)))}, weights,
-                                            lambda q_, k_, v_: _sdpa(q_, k_, v_, module.heads))
+                                            lambda q_, k_, v_: sdpa(q_, k_, v_, module.heads))
                 projected = module.to_out(extra.to(q.dtype))
             bias = getattr(module.to_out[0], "bias", None)
             if bias is not None:

@@ -10,9 +10,8 @@ serves the concept's cond and uncond rows."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ...hooks.attention import _given
+from ...hooks.attention import _given, sdpa
 from ...hooks.state import CallState, RunState
 
 
@@ -36,12 +35,6 @@ def _pairs(call: CallState) -> list[tuple[slice, int]]:
             if i in call.concept_rows and call.concept_rows[i].start != call.concept_rows[i].stop]
 
 
-def _attention(q, k, v, heads: int) -> torch.Tensor:
-    b, n, inner = q.shape
-    split = [t.reshape(b, -1, heads, inner // heads).transpose(1, 2) for t in (q, k, v)]
-    return F.scaled_dot_product_attention(*split).transpose(1, 2).reshape(b, n, inner)
-
-
 def make_guided_forward(module, original, run: RunState):
     """A1111: a decoder self-attention module's forward. The host's (chained) attention computes
     every row; the rows of image concepts are then computed again with the reference's keys and
@@ -59,7 +52,7 @@ def make_guided_forward(module, original, run: RunState):
         k, v = guided_kv(k, v, call)
         inner = torch.zeros_like(q)
         for rows, _ in pairs:
-            inner[rows] = _attention(q[rows], k[rows], v[rows], module.heads)
+            inner[rows] = sdpa(q[rows], k[rows], v[rows], module.heads)
         projected = module.to_out(inner)   # the whole call's rows: each row's LoRA on to_out
         out = out.clone()
         for rows, _ in pairs:

@@ -262,8 +262,12 @@ class SessionBase:
             else None
         self.faces.place(found)
 
+    def _to_x0(self):
+        """The host's (x, out, sigma) -> x0 for this batch; None: the output is x0 already."""
+        return self._host.to_x0 if self._host is not None else None
+
     def _keep_x0(self, x, sigma, out, images: CallImages) -> None:
-        to_x0 = self._host.to_x0 if self._host is not None else None
+        to_x0 = self._to_x0()
         for row, image in enumerate(images.cond):
             self._x0[image] = (to_x0(x[row:row + 1], out[row:row + 1], sigma[row:row + 1])[0] if to_x0 is not None
                                else out[row]).detach()

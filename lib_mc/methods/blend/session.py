@@ -197,9 +197,6 @@ class BlendSession(SessionBase):
             blended = blended + outputs[("concept", index)] * weights[index + 1]
         return blended
 
-    def _to_x0(self):
-        return self._host.to_x0 if self._host is not None else None
-
     def _kept(self, out, x, sigma, images: CallImages):
         """A plain call's prediction with the kept background outside every region."""
         return keep_outside(self.plan, self._to_x0(), out, x, sigma, images.all)

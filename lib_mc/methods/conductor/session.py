@@ -115,7 +115,7 @@ class ConductorSession(SessionBase):
             with self._refining(step, total_steps, images):
                 out = self._conduct(model_fn, x, sigma, cond, images)
         # mask-guided mixing: the kept background's prediction outside every region
-        return keep_outside(self.plan, self._host.to_x0 if self._host is not None else None, out, x, sigma, images.all)
+        return keep_outside(self.plan, self._to_x0(), out, x, sigma, images.all)
 
     def _conduct(self, model_fn, x, sigma, cond, images: CallImages) -> torch.Tensor:
         """Base and concept rows in one call, or, above the host's row cap, concept calls first

@@ -211,9 +211,8 @@ def compose(*values) -> str:
     top = dict(zip(TOP_FIELDS, values[:len(TOP_FIELDS)]))
     count = max(1, min(MAX_UI_CONCEPTS, int(top.pop("count") or 1)))
     drawn, z = parse_canvas(top.pop("canvas"))
-    for key in NUMBER_FIELDS:   # sliders send 6 or 6.0 alike: one spelling in the JSON
-        if isinstance(top[key], (int, float)) and not isinstance(top[key], bool):
-            top[key] = float(top[key])
+    for key in NUMBER_FIELDS:
+        top[key] = _as_float(top[key])
     if isinstance(top["mask_refine_k"], float) and top["mask_refine_k"].is_integer():
         top["mask_refine_k"] = int(top["mask_refine_k"])   # a number box sends 3.0
     top["reference"] = reference_png(top["reference"])
@@ -248,16 +247,14 @@ def compose(*values) -> str:
         if faces:   # a face concept: its photos and weights (without photos the weights mean nothing)
             concept["faces"] = [{"png": picture} for picture in faces]
             for key, default in zip(("face_weight", "face_control"), FACE_DEFAULTS):
-                concept[key] = _slider(row[key], default)
+                concept[key] = default if row[key] is None else _as_float(row[key])
         concepts.append(concept)
     return json.dumps({"version": 1, **top, "concepts": concepts})
 
 
-def _slider(value, default: float):
-    """A slider's value as the job's float (sliders send 1 or 1.0 alike); unset: the default;
+def _as_float(value):
+    """A slider's value as the job's float (sliders send 6 or 6.0 alike: one spelling in the JSON);
     anything else goes to the job as it is, for the job to name."""
-    if value is None:
-        return default
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return value

@@ -74,7 +74,7 @@ class FacePreparer:
                 self.ip, net = get(self.unet, need_control)
             except Exception as exc:   # ModelFileError names the files and folders
                 raise _model_error(exc, where) from exc
-            self.net = net or self.net
+            self.net = net if net is not None else self.net   # a module: no truth value to lean on
             if self.net is not None:
                 _check_residuals(self.net, self.unet, where)
         self.models = InstantID(dict(self.ip.layers), self.net)

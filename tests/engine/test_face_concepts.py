@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from k_diffusion.external import CompVisDenoiser
 
 from lib_mc.engine import HostPass, MultiConceptSession, make_session
 from lib_mc.faces.instantid.identitynet import load_identitynet
@@ -22,7 +21,7 @@ from lib_mc.methods.faces.placement import hint_image, place_faces
 from lib_mc.plan import build_plan
 from instantid_files import write_identitynet_folder, write_ip_adapter
 from tinyhost import merged_copy
-from test_sdxl import rows_of
+from test_sdxl import one_call
 from tinyxl import TinyXL, XLCFGHost, make_xl_unet, write_xl_lora, xl_cond
 
 IMAGE = (128, 128)
@@ -67,48 +66,40 @@ def plan_for(world, face=None, **options):
 
 
 class UNetCalls:
-    """Every UNet call's inputs, output and the face rows the engine handed to it."""
+    """The engine's UNet calls (the ones it hands a row plan: stage 2's, not stage 1's plain
+    ones) while open: inputs, output and the face rows the engine handed to each."""
 
     def __init__(self, unet, session):
-        self.calls = []
-        self.session = session
-        self.handles = [unet.register_forward_pre_hook(self._before, with_kwargs=True),
-                        unet.register_forward_hook(self._after, with_kwargs=True)]
+        self.unet, self.session, self.calls = unet, session, []
 
-    def _before(self, module, args, kwargs):
-        call = self.session.run.call
-        self.calls.append(dict(x=args[0].clone(), kwargs={k: v.clone() for k, v in kwargs.items() if torch.is_tensor(v)},
-                               rows=call.rows if call is not None else None,
-                               faces=dict(call.faces) if call is not None else {}))
+    def __enter__(self):
+        self.handles = [self.unet.register_forward_pre_hook(self._before, with_kwargs=True),
+                        self.unet.register_forward_hook(self._after, with_kwargs=True)]
+        return self.calls
 
-    def _after(self, module, args, kwargs, out):
-        self.calls[-1]["out"] = out.clone()
-
-    def remove(self):
+    def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
 
+    def _before(self, module, args, kwargs):
+        call = self.session.run.call
+        if call is not None:
+            self.calls.append(dict(x=args[0].clone(), kwargs={k: v.clone() for k, v in kwargs.items()
+                                                               if torch.is_tensor(v)},
+                                   rows=call.rows, faces=dict(call.faces)))
 
-def blended_call(world, plan, batch=2, seed=5, **session_kwargs):
-    """One A1111-shaped stage-2 call ([cond rows, uncond rows]) after its stage 1 -> (blended
-    output, the UNet calls of stage 2)."""
-    session = MultiConceptSession(world["unet"], plan, context_key=CTX, **session_kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((batch, 4, 16, 16), generator=gen) * 3
-    x_in, sigma_in = torch.cat([x, x]), torch.full((2 * batch,), 3.0)
-    cond_in = rows_of(world["cond"], world["uncond"], batch)
-    denoiser = CompVisDenoiser(world["ldm"])
-    model_fn = lambda xx, ss, cc: denoiser(xx, ss, cond=cc)   # noqa: E731
-    with torch.no_grad():
-        with session.stage1():
-            session.denoise(model_fn, x_in, sigma_in, cond_in, n_cond=batch, step=0, total_steps=1)
-        calls = UNetCalls(world["unet"], session)
-        try:
-            with session.stage2():
-                out = session.denoise(model_fn, x_in, sigma_in, cond_in, n_cond=batch, step=0, total_steps=1)
-        finally:
-            calls.remove()
-    return out, calls.calls
+    def _after(self, module, args, kwargs, out):
+        if self.session.run.call is not None:
+            self.calls[-1]["out"] = out.clone()
+
+
+def blended_call(world, plan, session=None):
+    """test_sdxl's A1111-shaped call ([cond rows, uncond rows], batch 2), stage 1 then stage 2 ->
+    (blended output, the engine's UNet calls of stage 2)."""
+    session = session or MultiConceptSession(world["unet"], plan, context_key=CTX)
+    with UNetCalls(world["unet"], session) as calls:
+        _, _, out = one_call(world, session)
+    return out, calls
 
 
 # ---- the reference: InstantID as its pipeline runs it, on the face rows alone -------------------
@@ -272,22 +263,9 @@ def test_forge_routing_gives_the_face_rows_of_the_a1111_path(world):
     session = MultiConceptSession(world["unet"], plan_for(world, face), context_key=CTX, attention_on_modules=False)
     patcher = PatcherOptions()
     install_attention(patcher, session, host_attention)
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn((2, 4, 16, 16), generator=gen) * 3
-    x_in, sigma_in = torch.cat([x, x]), torch.full((4,), 3.0)
-    cond_in = rows_of(world["cond"], world["uncond"], 2)
-    denoiser = CompVisDenoiser(world["ldm"])
-    model_fn = lambda xx, ss, cc: denoiser(xx, ss, cond=cc)   # noqa: E731
-    with torch.no_grad(), forge_block_attention(world["unet"], patcher):
-        with session.stage1():
-            session.denoise(model_fn, x_in, sigma_in, cond_in, n_cond=2, step=0, total_steps=1)
-        calls = UNetCalls(world["unet"], session)
-        try:
-            with session.stage2():
-                session.denoise(model_fn, x_in, sigma_in, cond_in, n_cond=2, step=0, total_steps=1)
-        finally:
-            calls.remove()
-    torch.testing.assert_close(calls.calls[0]["out"], a1111["out"], atol=1e-5, rtol=1e-4)
+    with forge_block_attention(world["unet"], patcher):
+        _, (forge,) = blended_call(world, None, session)
+    torch.testing.assert_close(forge["out"], a1111["out"], atol=1e-5, rtol=1e-4)
 
 
 def test_the_hires_pass_draws_the_keypoints_at_its_own_size(world):

@@ -231,17 +231,24 @@ def test_with_the_kept_background_img2img_ends_on_the_init_latent_outside_every_
     unpatched(world, p.sampler)
 
 
-@pytest.mark.parametrize("mode", ["blend", "conductor"])
-def test_an_image_concept_and_the_init_latent_are_inverted_over_the_levels_img2img_runs(world, mode):
-    """An image concept (its reference latent) in img2img: the host hands the method the
-    levels img2img samples (4 of 6 steps at strength 0.6), over which the reference and the
-    init latent (the background) are inverted: levels + 1 evaluations of one row each."""
+def image_concept_job(world, mode):
+    """alice an image concept (a reference latent), bob a LoRA concept; the job keeps the
+    background (img2img: the init latent) -> (plan, job)."""
     reference = torch.randn((1, 4) + LATENT, generator=torch.Generator().manual_seed(5))
     plan = build_plan([
         dict(name="alice", cond=world["alice_cond"], loras=[], mask=column(0, 56), reference=reference),
         dict(name="bob", cond=world["bob_cond"], loras=[(world["bob"], 1.0)], mask=column(72, 128)),
     ], IMAGE, start_at=0.5 if mode == "blend" else 0.0, mask_refine=False)
     the_job = job(mode, keep_background=True, concepts=[SimpleNamespace(reference="<png>"), SimpleNamespace(reference="")])
+    return plan, the_job
+
+
+@pytest.mark.parametrize("mode", ["blend", "conductor"])
+def test_an_image_concept_and_the_init_latent_are_inverted_over_the_levels_img2img_runs(world, mode):
+    """An image concept (its reference latent) in img2img: the host hands the method the
+    levels img2img samples (4 of 6 steps at strength 0.6), over which the reference and the
+    init latent (the background) are inverted: levels + 1 evaluations of one row each."""
+    plan, the_job = image_concept_job(world, mode)
     out, p, state = img2img(world, plan, mode=mode, sampler="Euler", the_job=the_job)
     levels = len(webui.sampler_schedule(p, None, img2img=True).levels)
     assert levels == 4 and torch.isfinite(out).all()
@@ -371,12 +378,7 @@ def test_a_second_batch_of_the_job_inverts_nothing_again(world, mode):
     """A1111 makes a session per batch; the job's inverted pictures (the image concept's
     reference, the init latent as background) are kept on the job, so batch 2 of the same job
     inverts nothing (batch 1: levels + 1 rows per picture)."""
-    reference = torch.randn((1, 4) + LATENT, generator=torch.Generator().manual_seed(5))
-    plan = build_plan([
-        dict(name="alice", cond=world["alice_cond"], loras=[], mask=column(0, 56), reference=reference),
-        dict(name="bob", cond=world["bob_cond"], loras=[(world["bob"], 1.0)], mask=column(72, 128)),
-    ], IMAGE, start_at=0.5 if mode == "blend" else 0.0, mask_refine=False)
-    the_job = job(mode, keep_background=True, concepts=[SimpleNamespace(reference="<png>"), SimpleNamespace(reference="")])
+    plan, the_job = image_concept_job(world, mode)
     state = webui.JobState(job=the_job)
     state.prepared = SimpleNamespace(plan=plan, warnings=[])
     inverted = []

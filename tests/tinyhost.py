@@ -88,6 +88,22 @@ def sample(host: CFGHost, sampler: str = "euler", steps: int = 6, batch: int = 1
         return sampling.sample_euler_ancestral(host, x, sigmas, disable=True, noise_sampler=noise)
 
 
+def euler_pass(host: CFGHost, steps: int, initial: torch.Tensor, **extra):
+    """What a WebUI hands `session.sample`: k-diffusion's Euler on `host` over `steps` from
+    `initial` (unit noise, scaled to the first sigma), the same noise replayed for a second
+    pass, the sampler's sigmas as its schedule; `extra`: more HostPass fields."""
+    from lib_mc.engine import HostPass
+    from lib_mc.methods.schedule import SamplerSchedule
+    sigmas = host.inner.get_sigmas(steps)
+
+    def run(noise):
+        host.step, host.total_steps = 0, steps
+        with torch.no_grad():
+            return sampling.sample_euler(host, noise * sigmas[0], sigmas, disable=True)
+    return HostPass(sample=run, initial=initial, replay_noise=lambda: initial, schedule=SamplerSchedule(sigmas),
+                    **extra)
+
+
 def random_context(seed: int, tokens: int = 8, dim: int = CONTEXT_DIM) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn((1, tokens, dim), generator=gen)

@@ -19,7 +19,7 @@ from lib_mc.methods.conductor.layers import alignment_layer
 from lib_mc.methods.schedule import SamplerSchedule
 from lib_mc.plan import build_plan
 from planted import cells, covers, plant
-from tinyhost import CFGHost, TinyLDM, make_unet, random_context, two_lora_world
+from tinyhost import CFGHost, TinyLDM, euler_pass, make_unet, random_context, two_lora_world
 
 IMAGE = (128, 128)   # latent 16 x 16; the alignment layer (latent / 4) has 4 x 4 tokens
 
@@ -89,15 +89,8 @@ def conduct(world, reference, steps=8, plan=None, **options):
     session = make_session("conductor", world["unet"], plan)
     host = AligningHost(world["ldm"], world["cond"], world["uncond"])
     host.route = session.denoise
-    sigmas = host.inner.get_sigmas(steps)
-
-    def run(noise):
-        host.step, host.total_steps = 0, steps
-        with torch.no_grad():
-            return sampling.sample_euler(host, noise * sigmas[0], sigmas, disable=True)
     initial = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
-    out = session.sample(HostPass(sample=run, initial=initial, replay_noise=lambda: initial, reference=reference,
-                                  schedule=SamplerSchedule(sigmas), latent_moved=host.moved))
+    out = session.sample(euler_pass(host, steps, initial, reference=reference, latent_moved=host.moved))
     return out, host, session
 
 

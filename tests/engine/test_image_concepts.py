@@ -20,7 +20,7 @@ from lib_mc.methods.schedule import SamplerSchedule
 from lib_mc.plan import build_plan
 from test_forge_routing import PatcherOptions, forge_block_attention, host_attention
 from planted import cells, covers, plant
-from tinyhost import CFGHost, merged_copy, two_lora_world
+from tinyhost import CFGHost, euler_pass, merged_copy, two_lora_world
 
 IMAGE = (128, 128)   # latent 16 x 16
 STEPS = 6
@@ -110,14 +110,7 @@ def generate(world, plan, mode="blend", path="a1111", steps=STEPS, on_session=No
                                         "c": {"c_crossattn": cond_in["c_crossattn"][order], "transformer_options": {}}})
             return out[order]
         host.route = route
-    sigmas = host.inner.get_sigmas(steps)
-
-    def run(noise):
-        host.step, host.total_steps = 0, steps
-        with torch.no_grad():
-            return sampling.sample_euler(host, noise * sigmas[0], sigmas, disable=True)
-    initial = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
-    pass_ = HostPass(sample=run, initial=initial, replay_noise=lambda: initial, schedule=SamplerSchedule(sigmas))
+    pass_ = euler_pass(host, steps, torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0)))
     try:
         if patches is not None:
             patches.apply()
@@ -173,13 +166,7 @@ def test_the_session_inverts_each_picture_once_per_job_with_the_shared_inversion
     session.stats.reset()
     host = CFGHost(world["ldm"], world["cond"], world["uncond"])
     host.route = session.denoise
-
-    def run(noise):
-        host.step, host.total_steps = 0, STEPS
-        with torch.no_grad():
-            return sampling.sample_euler(host, noise * sigmas[0], sigmas, disable=True)
-    initial = latent(3, 1.0)
-    session.sample(HostPass(sample=run, initial=initial, replay_noise=lambda: initial, schedule=SamplerSchedule(sigmas)))
+    session.sample(euler_pass(host, STEPS, latent(3, 1.0)))
     assert session.stats.invert_rows == 0 and session.stats.unet_rows > 0
 
 
@@ -379,15 +366,7 @@ def test_sdxl_keeps_the_background_and_its_reference_rows_guide_the_concept():
         session = make_session("blend", unet, plan, context_key="crossattn")
         host = XLCFGHost(ldm, xl_cond(1), xl_cond(2))
         host.route = session.denoise
-        sigmas = host.inner.get_sigmas(STEPS)
-
-        def run(noise):
-            host.step, host.total_steps = 0, STEPS
-            with torch.no_grad():
-                return sampling.sample_euler(host, noise * sigmas[0], sigmas, disable=True)
-        initial = latent(0, 1.0)
-        image = session.sample(HostPass(sample=run, initial=initial, replay_noise=lambda: initial,
-                                        schedule=SamplerSchedule(sigmas)))
+        image = session.sample(euler_pass(host, STEPS, latent(0, 1.0)))
         assert unpatched(unet)
         return image, plan, session
     image, plan, session = run_xl(True)

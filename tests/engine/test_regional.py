@@ -17,8 +17,8 @@ from lib_mc.lora import load_network
 from lib_mc.methods.regional.reinit import box_of, reinitialise, strongest_window
 from lib_mc.plan import build_plan
 from planted import PlantedQuery, cells, covers, plant
-from tinyhost import (CFGHost, TinyLDM, count_unet_rows, make_unet, merged_copy, random_context, sample,
-                      two_lora_world)
+from tinyhost import (CFGHost, TinyLDM, count_unet_rows, euler_pass, make_unet, merged_copy, random_context,
+                      sample, two_lora_world)
 
 IMAGE = (128, 128)   # latent 16 x 16; attention at 16 x 16, 8 x 8 and 4 x 4
 
@@ -476,16 +476,9 @@ def test_automatic_regions_are_found_at_the_start_step_in_the_same_pass():
     def find_regions(latents):
         found_at.append((host.step, tuple(latents.shape)))
         session.find_regions()
-    sigmas = host.inner.get_sigmas(6)
     initial = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
-
-    def sample_from(noise):
-        host.step, host.total_steps = 0, 6
-        with torch.no_grad():
-            return sampling.sample_euler(host, noise * sigmas[0], sigmas, disable=True)
     try:
-        out = session.sample(HostPass(sample=sample_from, initial=initial, replay_noise=lambda: initial,
-                                      find_regions=find_regions))
+        out = session.sample(euler_pass(host, 6, initial, find_regions=find_regions))
     finally:
         rows.remove()
     assert found_at == [(3, (2, 4, 16, 16))]   # at the start step (0.5 of 6), from the x0 predictions

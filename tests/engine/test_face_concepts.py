@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from k_diffusion.external import CompVisDenoiser
 
 from lib_mc.engine import HostPass, MultiConceptSession, make_session
 from lib_mc.faces.instantid.identitynet import load_identitynet
@@ -288,3 +289,44 @@ def test_the_hires_pass_draws_the_keypoints_at_its_own_size(world):
         x, y = (int(round(v)) for v in point)
         torch.testing.assert_close(faces[0].hint[0][:, y, x], colour.float(), atol=0.02, rtol=0)
     assert faces[0].hint[0][:, 250, 250].sum() == 0
+
+
+@pytest.mark.parametrize("negative_tokens", [8, 20])
+def test_split_cond_and_uncond_calls_and_a_long_negative_keep_the_face_rows_apart(world, negative_tokens):
+    """Batch cond/uncond off, or a negative longer than the prompt (A1111 then calls cond and
+    uncond rows apart): in each call the face rows are InstantID's (the uncond call's with the
+    negative tokens) and every other row is the run's without the face."""
+    from lib_mc.methods.calls import CallImages
+    negative = xl_cond(2, tokens=negative_tokens)
+
+    def split_run(plan):
+        session = MultiConceptSession(world["unet"], plan, context_key=CTX)
+        x = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(5)) * 3
+        sigma = torch.full((2,), 3.0)
+        calls = [({k: world["cond"][k].expand(2, *world["cond"][k].shape[1:]) for k in world["cond"]},
+                  CallImages((0, 1), ())),
+                 ({k: negative[k].expand(2, *negative[k].shape[1:]) for k in negative}, CallImages((), (0, 1)))]
+        denoiser = CompVisDenoiser(world["ldm"])
+        model_fn = lambda xx, ss, cc: denoiser(xx, ss, cond=cc)   # noqa: E731
+        with torch.no_grad():
+            with session.stage1():
+                for cond, images in calls:
+                    session.denoise(model_fn, x, sigma, cond, n_cond=len(images.cond), step=0, total_steps=1,
+                                    images=images)
+            with UNetCalls(world["unet"], session) as seen, session.stage2():
+                for cond, images in calls:
+                    session.denoise(model_fn, x, sigma, cond, n_cond=len(images.cond), step=0, total_steps=1,
+                                    images=images)
+        return seen
+    face = identity(world)
+    faced, plain = split_run(plan_for(world, face)), split_run(plan_for(world))
+    assert len(faced) == len(plain) == 2
+    for call, without, tokens in zip(faced, plain, (face.cond_tokens, face.uncond_tokens)):
+        alice = call["rows"].find("concept", 0).rows
+        others = torch.ones(call["out"].shape[0], dtype=torch.bool)
+        others[alice] = False
+        assert torch.equal(call["out"][others], without["out"][others])
+        assert torch.equal(call["faces"][0].tokens, tokens.expand(2, -1, -1))
+        with torch.no_grad():
+            torch.testing.assert_close(call["out"][alice], reference_rows(world, call), atol=2e-4, rtol=1e-3)
+        assert (call["out"][alice] - without["out"][alice]).abs().max() > 1e-2

@@ -159,7 +159,8 @@ def test_split_calls_under_a_row_cap_give_the_one_call_result(world):
     finally:
         recorded.remove()
     assert [o.shape[0] for o in recorded.outputs] == [4, 4, 4]   # alice, bob, then the base rows
-    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    # other row counts pick other BLAS blockings: float32 rounding only
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-4)
 
 
 def conductor_run(world, plan, steps=6, mode="conductor"):

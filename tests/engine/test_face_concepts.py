@@ -201,7 +201,8 @@ def test_split_calls_under_a_row_cap_give_the_one_call_result(world):
     whole, _ = blended_call(world, plan_for(world, face))
     split, calls = blended_call(world, plan_for(world, face, max_rows_per_call=4))
     assert len(calls) == 3 and sum(1 for c in calls if c["faces"]) == 1
-    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+    # other row counts pick other BLAS blockings: float32 rounding, far under InstantID's effect (> 1e-3)
+    torch.testing.assert_close(split, whole, atol=1e-4, rtol=1e-4)
 
 
 def test_faces_go_where_the_layout_has_them_else_in_the_top_of_the_region(world):

@@ -314,7 +314,7 @@ def test_a_concept_without_a_reference_is_untouched_and_no_picture_means_no_extr
     a, b = blended[0], plain_blended[0]
     bob_a, bob_b = a["rows"].find("concept", 1).rows, b["rows"].find("concept", 1).rows
     assert torch.equal(a["x"][bob_a], b["x"][bob_b])
-    torch.testing.assert_close(a["out"][bob_a], b["out"][bob_b], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a["out"][bob_a], b["out"][bob_b], rtol=1e-4, atol=1e-4)   # other batch sizes: float32 rounding
     alice_a, alice_b = a["rows"].find("concept", 0).rows, b["rows"].find("concept", 0).rows
     assert (a["out"][alice_a] - b["out"][alice_b]).abs().max() > 1e-3   # alice's do change
 

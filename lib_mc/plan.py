@@ -35,6 +35,7 @@ class Concept:
     auto_group: int = -1               # automatic concepts with the same group share those tokens
     auto_hint: str = ""                # which part of a shared word's area: "left", "right", "largest"
     auto_box: tuple[float, float, float, float] | None = None   # the subject is inside (x, y, w, h), fractions
+    auto_word: str = ""                # its class word as written (Grounding DINO's prompt)
     class_tokens: list[int] | None = None   # base-prompt positions of its class word (regional re-initialisation)
     own_class_tokens: list[int] | None = None   # ... in its own prompt (regional concept enhancement)
     # image concept (blend, conductor): its appearance comes from a reference picture
@@ -267,6 +268,7 @@ def _concept(item: Any, i: int) -> Concept:
         auto_group=int(item.get("auto_group", i)),
         auto_hint=str(item.get("auto_hint") or ""),
         auto_box=_box(item.get("auto_box"), f"{name}.auto_box"),
+        auto_word=str(item.get("auto_word") or ""),
         class_tokens=_positions(item.get("class_tokens"), f"{name}.class_tokens"),
         own_class_tokens=_positions(item.get("own_class_tokens"), f"{name}.own_class_tokens"),
         reference=item.get("reference"),   # checked against the latent size in build_plan

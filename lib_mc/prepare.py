@@ -146,7 +146,8 @@ def prepare(job: Job, *, base_prompt: str, base_negative: str, image_hw: tuple[i
             cond = _per_image(services, [services.parse_tags(text)[0] for text in texts], te_loras)
         uncond = services.encode(negative, te_loras) if spec.negative_prompt else None
         region = dict(auto_tokens=auto_tokens[i][0], auto_group=auto_tokens[i][1], auto_hint=_hint(spec.name),
-                      auto_box=_box(spec.region), auto_tokens_per_image=auto_tokens[i][2]) \
+                      auto_box=_box(spec.region), auto_tokens_per_image=auto_tokens[i][2],
+                      auto_word=spec.class_word.strip()) \
             if i in auto_tokens else \
             dict(mask=region_mask(spec.region, image_hw, f"{where}.region"))
         own_tokens = None

@@ -42,27 +42,34 @@ def stretch(maps: torch.Tensor) -> torch.Tensor:
 
 def masks_from_maps(maps: torch.Tensor, groups: Sequence[int], threshold: float = THRESHOLD,
                     hints: Sequence[str] | None = None, faces: Sequence | None = None,
-                    boxes: Sequence | None = None) -> torch.Tensor:
+                    boxes: Sequence | None = None, image_boxes: Sequence | None = None) -> torch.Tensor:
     """maps: (B, n, h, w) attention per concept; groups[i]: concepts with the same group id
     watched the same tokens; hints[i]: "", "left", "right" or "largest". Returns (B, n, h, w)
     float masks in {0, 1}, disjoint per image. faces[b]: (k, 4) face boxes of image b in map cells;
-    boxes[i]: None or (x, y, w, h) image fractions the concept must lie in."""
+    boxes[i]: None or (x, y, w, h) image fractions the concept must lie in; image_boxes[b]: image
+    b's own such boxes (Grounding DINO's), in place of `boxes` there."""
     out = torch.zeros_like(maps, dtype=torch.float32)
     n, h, w = maps.shape[1:]
     hints = list(hints) if hints is not None else [""] * n
-    boxes = list(boxes) if boxes is not None else [None] * n
-    inside = torch.stack([box_cells(box, (h, w)) for box in boxes])
+    for b in range(maps.shape[0]):
+        these = image_boxes[b] if image_boxes is not None else boxes
+        inside, boxed = _insides(list(these) if these is not None else [None] * n, groups, (h, w))
+        image_faces = faces[b] if faces is not None and b < len(faces) else None
+        out[b] = _one_image(maps[b].float(), list(groups), threshold, hints, image_faces, inside, boxed)
+    return out
+
+
+def _insides(boxes: list, groups: Sequence[int], grid_hw: tuple[int, int]) -> tuple[torch.Tensor, list[bool]]:
+    """(n, h, w) where each concept is looked for, and which concepts are boxed."""
+    n = len(boxes)
+    inside = torch.stack([box_cells(box, grid_hw) for box in boxes])
     _share_overlaps(inside, boxes, groups)
     for i, box in enumerate(boxes):   # a free concept leaves a boxed one sharing its word its box
         if box is None:
             siblings = [j for j in range(n) if groups[j] == groups[i] and boxes[j] is not None]
             outside = ~inside[siblings].any(0) if siblings else inside[i]
             inside[i] = outside if outside.any() else inside[i]
-    boxed = [box is not None for box in boxes]
-    for b in range(maps.shape[0]):
-        image_faces = faces[b] if faces is not None and b < len(faces) else None
-        out[b] = _one_image(maps[b].float(), list(groups), threshold, hints, image_faces, inside, boxed)
-    return out
+    return inside, [box is not None for box in boxes]
 
 
 def _share_overlaps(inside: torch.Tensor, boxes: list, groups: Sequence[int]) -> None:
@@ -83,6 +90,12 @@ def _share_overlaps(inside: torch.Tensor, boxes: list, groups: Sequence[int]) ->
             inside[member] &= ~contested | (nearest == k)
 
 
+def boxes_as_masks(image_boxes: Sequence, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """image_boxes[b][i] -> (B, n, h, w) float: each box's cells (a concept without one: none)."""
+    return torch.stack([torch.stack([box_cells(box, grid_hw).float() if box is not None else torch.zeros(grid_hw)
+                                     for box in boxes]) for boxes in image_boxes])
+
+
 def box_cells(box, grid_hw: tuple[int, int]) -> torch.Tensor:
     """(h, w) bool: the cells whose centres lie in the (x, y, w, h) box (all for None; at least
     the cell under the box's centre)."""
@@ -98,19 +111,20 @@ def box_cells(box, grid_hw: tuple[int, int]) -> torch.Tensor:
     return cells
 
 
-def _assign(parts: list[torch.Tensor], members: list[int], hints: list[str]) -> dict[int, torch.Tensor]:
-    """Parts come left to right; hinted members choose first, the rest take what is left in order."""
+def assign_parts(parts: list, members: list[int], hints: list[str], size=lambda part: float(part.sum())) -> dict:
+    """Parts come left to right; hinted members choose first, the rest take what is left in order
+    (a member without a part left gets none). size(part): what "largest" compares."""
     free = list(range(len(parts)))
-    chosen: dict[int, torch.Tensor] = {}
+    chosen: dict = {}
     for member in members:
         hint = hints[member]
         if hint in HINTS and free:
             pick = {"left": free[0], "right": free[-1]}.get(hint) if hint != "largest" else \
-                max(free, key=lambda j: float(parts[j].sum()))
+                max(free, key=lambda j: size(parts[j]))
             free.remove(pick)
             chosen[member] = parts[pick]
     for member in members:
-        if member not in chosen:
+        if member not in chosen and free:
             chosen[member] = parts[free.pop(0)]
     return chosen
 
@@ -134,7 +148,7 @@ def _one_image(maps: torch.Tensor, groups: list[int], threshold: float, hints: l
             parts = _split_by_faces(area, faces, len(free))
             if parts is None:
                 parts = _split(area, norm[free[0]], len(free))
-            for member, part in _assign(parts, free, hints).items():
+            for member, part in assign_parts(parts, free, hints).items():
                 masks[member] = part
     for i in range(n):
         masks[i] = _tidy(masks[i]) * inside[i]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..auto.attention_maps import AttentionRecorder
-from ..auto.masks import box_cells, masks_from_maps, stretch
+from ..auto.masks import box_cells, boxes_as_masks, masks_from_maps, stretch
 from ..auto.postprocess import finish
 from ..errors import EngineError
 from ..hooks.attention import HostAttention, is_attention
@@ -281,9 +281,11 @@ class SessionBase:
         else:
             self.find_regions()
 
-    def find_regions(self, faces=None, finish: bool = True) -> torch.Tensor:
+    def find_regions(self, faces=None, finish: bool = True, image_boxes=None) -> torch.Tensor:
         """The automatic concepts' masks from the recorded attention, per image, into the plan.
         faces[b]: face boxes of image b in latent cells, to split people who share a word.
+        image_boxes[b][i]: where automatic concept i is in image b (Grounding DINO's boxes; a drawn
+        box stays the concept's own), (x, y, w, h) fractions or None.
         finish=False: the host refines them (SAM) and calls `finish_regions` itself."""
         regions = self.plan.regions
         if not self.recorder.sums:
@@ -292,8 +294,11 @@ class SessionBase:
         maps = self.recorder.maps(regions.latent_hw, regions.grids)
         auto = [self.plan.concepts[i] for i in self.plan.auto_concepts]
         found = masks_from_maps(maps, [c.auto_group for c in auto], hints=[c.auto_hint for c in auto], faces=faces,
-                                boxes=[c.auto_box for c in auto])
-        self.plan.mask_steps = [("attention", stretch(maps)), ("attention masks", found)]
+                                boxes=[c.auto_box for c in auto], image_boxes=image_boxes)
+        self.plan.mask_steps = [("attention", stretch(maps))]
+        if image_boxes is not None:
+            self.plan.mask_steps.append(("Grounding DINO boxes", boxes_as_masks(image_boxes, maps.shape[-2:])))
+        self.plan.mask_steps.append(("attention masks", found))
         self.plan.face_boxes = faces
         return self.finish_regions(found) if finish else found
 

@@ -280,3 +280,17 @@ def test_class_word_positions_per_image_when_the_batchs_prompts_differ():
     found = plan.found_masks
     assert covers(found[0, 0], left) and covers(found[1, 0], left)
     assert covers(found[0, 1], right) and covers(found[1, 1], right)
+
+
+def test_boxes_found_per_image_guide_the_masks_and_are_a_step_of_their_own():
+    """The host's Grounding DINO boxes (per image) limit where each concept is looked for; the
+    save_layout sheet shows them as a step. a's word is planted on the left: boxed right, it is
+    found in its box's strongest cells; the drawn box of the plan is not touched."""
+    plan, session, _ = two_words_after_layout_pass()
+    found = session.find_regions(finish=False, image_boxes=[[(0.5, 0.0, 0.5, 1.0), None]])
+    assert found[0, 0][:, :8].sum() == 0 and found[0, 0].sum() > 0
+    labels = [label for label, _ in plan.mask_steps]
+    assert labels == ["attention", "Grounding DINO boxes", "attention masks"]
+    boxes = plan.mask_steps[1][1]
+    assert boxes.shape == (1, 2, 16, 16) and boxes[0, 0][:, 8:].min() == 1 and boxes[0, 1].sum() == 0
+    assert plan.concepts[0].auto_box is None

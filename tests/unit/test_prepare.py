@@ -161,6 +161,7 @@ def test_automatic_regions_watch_their_class_words_tokens(unet, files):
     him, her, drawn = prepared.plan.concepts   # "a man and a woman on a beach": man = 2, woman = 5
     assert (him.auto_tokens, her.auto_tokens) == ([2], [5]) and him.auto_group != her.auto_group
     assert him.auto_box is None and her.auto_box == (0.5, 0.1, 0.5, 0.9)
+    assert (him.auto_word, her.auto_word) == ("man", "woman")   # Grounding DINO is prompted with them
     whole = {"type": "auto", "x": 0, "y": 0, "w": 1, "h": 1}   # "auto in rectangle" never drawn: no box
     unboxed, _ = run(unet, Services(files), job({"name": "him", "class_word": "man", "region": whole}))
     assert unboxed.plan.concepts[0].auto_box is None

@@ -1,0 +1,273 @@
+"""Grounding DINO boxes for class words, with transformers' GroundingDinoForObjectDetection.
+
+Either format loads on the CPU: a transformers folder as it is, an original .pth through our key
+mapping (convert.py) with the config beside it or implied by its name (files.py). The image is
+prepared as the original's inference does (shorter side 800, longer at most 1333, PIL bilinear,
+ImageNet mean/std), the phrases become one caption "man . woman .".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..sam import ModelFileError
+from .convert import convert_state_dict, hf_config, text_config
+from .files import is_hf_folder, original_args, tokenizer_folders as pth_tokenizer_folders
+
+MIN_TRANSFORMERS = (4, 40)
+HF_CACHE_DIR = None   # None: transformers' own cache (only ever read: local_files_only)
+# transformers' Grounding DINO hard-codes bert-base-uncased's ids of its separator tokens
+BERT_IDS = {"[CLS]": 101, "[SEP]": 102, ".": 1012, "?": 1029}
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+NMS_IOU = 0.5
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: tuple[float, float, float, float]   # (x, y, w, h) fractions of the image
+    score: float
+
+
+def _check_transformers(path: str) -> None:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelFileError(f"Grounding DINO checkpoint {path}: transformers is not installed ({exc})") from exc
+    version = str(transformers.__version__)
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None or tuple(int(v) for v in found.groups()) < MIN_TRANSFORMERS:
+        raise ModelFileError(f"Grounding DINO checkpoint {path}: transformers {version} is installed; Grounding DINO "
+                             f"needs transformers {'.'.join(map(str, MIN_TRANSFORMERS))} or newer (Forge ships 4.46.1)")
+
+
+def _bert_heads(folder: str | None) -> int | None:
+    try:
+        if folder is None:
+            from transformers import BertConfig
+            return BertConfig.from_pretrained("bert-base-uncased", local_files_only=True,
+                                              cache_dir=HF_CACHE_DIR).num_attention_heads
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        return int(config["num_attention_heads"]) if config.get("model_type") == "bert" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _tokenizer(path: str, folders: list[str]):
+    """BERT tokenizer from the first folder with a vocabulary, else bert-base-uncased from the
+    Hugging Face cache (never downloaded). Returns (tokenizer, folder or None for the cache)."""
+    from transformers import BertTokenizerFast
+
+    for folder in folders:
+        if any(os.path.isfile(os.path.join(folder, f)) for f in ("vocab.txt", "tokenizer.json")):
+            try:
+                tokenizer = BertTokenizerFast.from_pretrained(folder, local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise ModelFileError(f"Grounding DINO checkpoint {path}: the tokenizer in {folder} "
+                                     f"could not be read: {exc}") from exc
+            return _checked(tokenizer, path, folder), folder
+    try:
+        tokenizer = BertTokenizerFast.from_pretrained("bert-base-uncased", local_files_only=True, cache_dir=HF_CACHE_DIR)
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(
+            f"Grounding DINO checkpoint {path}: no BERT tokenizer (bert-base-uncased's vocab.txt) in "
+            f"{', '.join(folders)} nor bert-base-uncased in the Hugging Face cache; put vocab.txt in one "
+            "of those folders (nothing is downloaded)") from exc
+    return _checked(tokenizer, path, "the Hugging Face cache"), None
+
+
+def _checked(tokenizer, path: str, where: str):
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in BERT_IDS}
+    if ids != BERT_IDS:
+        raise ModelFileError(f"Grounding DINO checkpoint {path}: the tokenizer in {where} is not bert-base-uncased's "
+                             f"vocabulary (Grounding DINO needs the ids {BERT_IDS}, it has {ids})")
+    return tokenizer
+
+
+def _load_original(path: str, extra_folders):
+    from transformers import GroundingDinoForObjectDetection
+
+    args = original_args(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:   # not a zip/pickle, truncated, or objects other than tensors
+        raise ModelFileError(f"Grounding DINO checkpoint {path} could not be read: {exc}") from exc
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"Grounding DINO checkpoint {path} holds no state dict (an original checkpoint "
+                             "is {'model': state_dict})")
+    folders = pth_tokenizer_folders(path, extra_folders)
+    if os.path.isdir(str(args.get("text_encoder_type"))):   # a config naming its BERT folder
+        folders.append(args["text_encoder_type"])
+    tokenizer, folder = _tokenizer(path, folders)
+    try:
+        config = hf_config(args, text_config(state, _bert_heads(folder)))
+        converted = convert_state_dict(state)
+        model = GroundingDinoForObjectDetection(config)
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+    except ModelFileError as exc:
+        raise ModelFileError(f"Grounding DINO checkpoint {path}: {exc}") from exc
+    except (RuntimeError, ValueError) as exc:   # shapes that do not fit the config
+        raise ModelFileError(f"Grounding DINO checkpoint {path} does not fit its config "
+                             f"({args['backbone']}, hidden_dim {args['hidden_dim']}): {exc}") from exc
+    if missing or unexpected:
+        raise ModelFileError(f"Grounding DINO checkpoint {path} does not fit its config ({args['backbone']}): "
+                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    if len(tokenizer) > config.text_config.vocab_size:
+        raise ModelFileError(f"Grounding DINO checkpoint {path}: its tokenizer has {len(tokenizer)} tokens, "
+                             f"the text encoder {config.text_config.vocab_size}")
+    return model, tokenizer
+
+
+def _load_hf(path: str, extra_folders):
+    from transformers import GroundingDinoForObjectDetection
+
+    try:
+        model = GroundingDinoForObjectDetection.from_pretrained(path, local_files_only=True)
+    except Exception as exc:   # transformers raises OSError, ValueError or RuntimeError for bad files
+        raise ModelFileError(f"Grounding DINO folder {path} could not be loaded: {exc}") from exc
+    tokenizer, _ = _tokenizer(path, [path] + [f for f in extra_folders if f])
+    return model, tokenizer
+
+
+def resized_size(height: int, width: int, size: int, max_size: int) -> tuple[int, int]:
+    """The original's RandomResize([size], max_size) rule: (new height, new width)."""
+    short, long = float(min(height, width)), float(max(height, width))
+    if long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if min(height, width) == size:
+        return height, width
+    if width < height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def preprocess(image: np.ndarray, size: int = 800, max_size: int = 1333) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, h, w) normalised, as the original inference prepares it."""
+    from PIL import Image
+
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+        raise ValueError(f"Grounding DINO: the image must be (H, W, 3) uint8 RGB, got "
+                         f"{getattr(image, 'shape', type(image))} {getattr(image, 'dtype', '')}")
+    height, width = resized_size(image.shape[0], image.shape[1], size, max_size)
+    pil = Image.fromarray(image).resize((width, height), Image.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    pixels = (pixels - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    return pixels[None]
+
+
+def caption_and_spans(phrases) -> tuple[str, list[tuple[int, int]]]:
+    """"man . woman ." and each phrase's character span in it."""
+    caption, spans = "", []
+    for phrase in phrases:
+        words = " ".join(str(phrase).lower().split())
+        if not words:
+            raise ValueError(f"Grounding DINO: empty phrase in {list(phrases)!r}")
+        if caption:
+            caption += " "
+        spans.append((len(caption), len(caption) + len(words)))
+        caption += words + " ."
+    return caption, spans
+
+
+class GroundingDino:
+    def __init__(self, path: str, tokenizer_folders=(), *, size: int = 800, max_size: int = 1333):
+        _check_transformers(path)
+        if os.path.isdir(path):
+            if not is_hf_folder(path):
+                raise ModelFileError(f"Grounding DINO folder {path} has no config.json of model_type "
+                                     "'grounding-dino' with model.safetensors or pytorch_model.bin")
+            self.model, self.tokenizer = _load_hf(path, tokenizer_folders)
+        elif os.path.isfile(path):
+            self.model, self.tokenizer = _load_original(path, tokenizer_folders)
+        else:
+            raise ModelFileError(f"Grounding DINO checkpoint {path} does not exist")
+        self.path = path
+        self.size, self.max_size = size, max_size
+        self.model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "GroundingDino":
+        if self.device != torch.device(device):
+            self.model.to(device)
+        return self
+
+    def _phrase_tokens(self, encoded, spans) -> list[list[int]]:
+        limit = self.model.config.max_text_len
+        tokens = [[] for _ in spans]
+        for j, (start, end) in enumerate(encoded["offset_mapping"][0].tolist()[:limit]):
+            if end <= start:   # special tokens
+                continue
+            for i, (s, e) in enumerate(spans):
+                if s <= start and end <= e:
+                    tokens[i].append(j)
+        return tokens
+
+    @torch.no_grad()
+    def outputs(self, pixels: torch.Tensor, caption: str):
+        """The model's raw outputs for a prepared image and a caption (tests compare them)."""
+        encoded = self.tokenizer(caption, return_tensors="pt", return_offsets_mapping=True)
+        device = self.device
+        out = self.model(pixel_values=pixels.to(device), input_ids=encoded["input_ids"].to(device),
+                         token_type_ids=encoded["token_type_ids"].to(device),
+                         attention_mask=encoded["attention_mask"].to(device),
+                         pixel_mask=torch.ones(pixels.shape[:1] + pixels.shape[2:], dtype=torch.long, device=device))
+        return out, encoded
+
+    @torch.no_grad()
+    def detect(self, image: np.ndarray, phrases: list[str], box_threshold: float = 0.35,
+               text_threshold: float = 0.25) -> list[list[Detection]]:
+        """Per phrase its boxes, best first: a query counts when its best token's probability is
+        above box_threshold (the original's box filter) and it goes to every phrase with a token
+        above text_threshold (the original names its phrase by those tokens); box NMS per phrase."""
+        from torchvision.ops import box_convert, nms
+
+        if not phrases:
+            return []
+        caption, spans = caption_and_spans(phrases)
+        out, encoded = self.outputs(preprocess(image, self.size, self.max_size), caption)
+        probs = out.logits[0].float().sigmoid().cpu()
+        boxes = box_convert(out.pred_boxes[0].float().cpu(), "cxcywh", "xyxy").clamp(0.0, 1.0)
+        confident = probs.max(dim=-1).values > box_threshold
+        found = []
+        for tokens in self._phrase_tokens(encoded, spans):
+            if not tokens:   # past the model's 256 text tokens
+                found.append([])
+                continue
+            scores = probs[:, tokens].max(dim=-1).values
+            rows = torch.nonzero(confident & (scores > text_threshold)).flatten()
+            kept = rows[nms(boxes[rows], scores[rows], NMS_IOU)]
+            found.append([Detection(box=(float(x0), float(y0), float(x1 - x0), float(y1 - y0)), score=float(s))
+                          for (x0, y0, x1, y1), s in zip(boxes[kept].tolist(), scores[kept].tolist())])
+        return found
+
+
+class DinoModels:
+    """One Grounding DINO kept between jobs; `offload` moves it to the CPU, `free` drops it."""
+
+    def __init__(self):
+        self.loaded: tuple[tuple, GroundingDino] | None = None
+
+    def model(self, path: str, device, tokenizer_folders=()) -> GroundingDino:
+        key = (path, tuple(tokenizer_folders))
+        if self.loaded is None or self.loaded[0] != key:
+            self.free()
+            self.loaded = (key, GroundingDino(path, tokenizer_folders))
+        return self.loaded[1].to(device)
+
+    def offload(self) -> None:
+        if self.loaded is not None:
+            self.loaded[1].to("cpu")
+
+    def free(self) -> None:
+        self.loaded = None

@@ -43,7 +43,7 @@ from ..job import IMAGE_MODES, Job, JobError, parse_job
 from ..lora.network import Network
 from ..prepare import LoraFile, Prepared, prepare
 from ..regions import encode_png
-from . import check_model_family, identity_score, webui_models
+from . import check_model_family, grounding_boxes, identity_score, webui_models
 from .layout_images import layout_outputs
 from .samplers import check_sampler, evaluations_per_step
 from .webui_xyz import XYZ_ATTR, apply_overrides
@@ -560,11 +560,14 @@ def _find_regions(p, state: JobState, first: torch.Tensor) -> None:
     session, plan = state.session, state.prepared.plan
     notes: list[str] = []
     images = webui_models.layout_images(p, first)
-    groups = [plan.concepts[i].auto_group for i in plan.auto_concepts]
-    shared_word = len(set(groups)) < len(groups)
+    auto = [plan.concepts[i] for i in plan.auto_concepts]
+    image_boxes = grounding_boxes.find_boxes(images, auto, notes)
+    if image_boxes is not None:
+        p.extra_generation_params[grounding_boxes.INFOTEXT] = grounding_boxes.GROUNDING_DINO
+    shared_word = len({c.auto_group for c in auto}) < len(auto)
     faces = webui_models.detect_faces(images, plan.regions.latent_hw, notes) if shared_word else None
-    found = session.find_regions(faces=faces, finish=False)
-    refined = webui_models.refine(images, found, notes, [plan.concepts[i].auto_box for i in plan.auto_concepts])
+    found = session.find_regions(faces=faces, finish=False, image_boxes=image_boxes)
+    refined = webui_models.refine(images, found, notes, image_boxes or [[c.auto_box for c in auto]] * len(found))
     if refined is not None:
         session.finish_regions(refined, found_by="SAM")
     else:

@@ -104,6 +104,8 @@ def register_settings() -> None:
     import gradio as gr
     from modules import script_callbacks
 
+    from . import grounding_boxes
+
     def add():
         shared.opts.add_option(SETTING, shared.OptionInfo(
             "auto", "SAM checkpoint for automatic regions (models/sam; auto = the smallest found, "
@@ -112,8 +114,13 @@ def register_settings() -> None:
         shared.opts.add_option(FACES_SETTING, shared.OptionInfo(
             True, "Use faces (models/insightface, det_10g.onnx) to tell apart people who share a class word",
             section=("multi_concept", "Multi-Concept")))
+        shared.opts.add_option(grounding_boxes.SETTING, shared.OptionInfo(
+            grounding_boxes.ATTENTION, "Boxes for automatic regions: attention (no extra model) or Grounding DINO "
+            "(models/grounding-dino or sd-webui-segment-anything's; needs transformers 4.40+, which Forge has)",
+            gr.Radio, {"choices": [grounding_boxes.ATTENTION, grounding_boxes.GROUNDING_DINO]},
+            section=("multi_concept", "Multi-Concept"), infotext=grounding_boxes.INFOTEXT))
         shared.opts.add_option("multi_concept_free_sam", shared.OptionInfo(
-            False, "Free the SAM model after each job (else kept; on the CPU with --lowvram/--medvram)",
+            False, "Free the SAM and Grounding DINO models after each job (else kept; on the CPU with --lowvram/--medvram)",
             section=("multi_concept", "Multi-Concept")))
         shared.opts.add_option(MAX_ROWS_SETTING, shared.OptionInfo(
             0, "Most UNet rows per call (0 = as many as the free GPU memory holds); lower it if a job "
@@ -123,9 +130,10 @@ def register_settings() -> None:
 
 
 def refine(images: Callable[[], list[np.ndarray]], found: torch.Tensor, warnings: list[str],
-           boxes=None) -> torch.Tensor | None:
+           image_boxes=None) -> torch.Tensor | None:
     """(B, n, h, w) attention masks -> (B, n, H, W) SAM masks, or None (attention it is).
-    boxes[i]: the box drawn for automatic concept i (fractions), SAM's box prompt."""
+    image_boxes[b][i]: automatic concept i's box in image b (drawn or Grounding DINO's;
+    fractions), SAM's box prompt."""
     choice = getattr(shared.opts, SETTING, "auto") if hasattr(shared, "opts") else "auto"
     if choice == "none":
         return None
@@ -139,7 +147,7 @@ def refine(images: Callable[[], list[np.ndarray]], found: torch.Tensor, warnings
         predictor = MODELS.predictor(path, devices.device)
         masks = []
         for b, image in enumerate(images()):
-            refined, notes = sam.refine(predictor, image, found[b], boxes)
+            refined, notes = sam.refine(predictor, image, found[b], image_boxes[b] if image_boxes else None)
             masks.append(refined)
             warnings.extend(notes)
         return torch.stack(masks)
@@ -147,10 +155,15 @@ def refine(images: Callable[[], list[np.ndarray]], found: torch.Tensor, warnings
         _note(f"{exc}: used the attention masks", warnings)
         return None
     finally:
-        if getattr(shared.opts, "multi_concept_free_sam", False):
-            MODELS.free()
-        elif getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
-            MODELS.offload()
+        release(MODELS)
+
+
+def release(models) -> None:
+    """After use: freed (the setting), or moved to the CPU under --lowvram/--medvram, or kept."""
+    if getattr(shared.opts, "multi_concept_free_sam", False):
+        models.free()
+    elif getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
+        models.offload()
 
 
 # ---- face concepts: antelopev2 (models/insightface) and InstantID (models/instantid, models/ControlNet) ----

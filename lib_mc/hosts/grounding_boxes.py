@@ -1,0 +1,66 @@
+"""Grounding DINO boxes for automatic regions (setting `multi_concept_boxes`): the layout image
+is searched for each automatic concept's class word, and the boxes found tell attention and SAM
+where each subject is, as the SDXL + InstantID paper places its subjects. Checkpoints: an HF
+folder or IDEA-Research's .pth in models/grounding-dino, or where sd-webui-segment-anything
+keeps them; missing, or transformers too old: a note, and attention finds the boxes."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+
+from modules import devices, paths, shared
+
+from ..auto import dino
+from ..auto.boxes import assign_boxes
+from ..auto.sam import ModelFileError
+from . import webui_models
+
+SETTING = "multi_concept_boxes"
+INFOTEXT = "Multi-Concept boxes"   # written when Grounding DINO placed the boxes; pasting restores the setting
+ATTENTION, GROUNDING_DINO = "attention", "Grounding DINO"
+BOX_THRESHOLD, TEXT_THRESHOLD = 0.35, 0.25   # Grounding DINO's demo defaults
+MODELS = dino.DinoModels()
+
+
+def folders() -> list[str]:
+    found = [os.path.join(paths.models_path, "grounding-dino")]
+    extensions = webui_models._extensions_dir()
+    if extensions:
+        found.append(os.path.join(extensions, "sd-webui-segment-anything", "models", "grounding-dino"))
+    return found
+
+
+def wanted() -> bool:
+    return getattr(shared.opts, SETTING, ATTENTION) == GROUNDING_DINO
+
+
+def find_boxes(images: Callable[[], list[np.ndarray]], concepts: list, warnings: list[str]) -> list[list] | None:
+    """Per image, per automatic concept its box: the drawn one, else Grounding DINO's for its
+    class word (None where none was found). None: the setting is attention, or no model."""
+    if not wanted():
+        return None
+    searched = folders()
+    path = dino.find_checkpoint(searched)
+    if path is None:
+        webui_models._note(dino.missing_message(searched), warnings)
+        return None
+    words = [c.auto_word for c in concepts]
+    try:
+        model = MODELS.model(path, devices.device, tokenizer_folders=searched)
+        out = []
+        for image in images():
+            phrases = list(dict.fromkeys(words))
+            detections = dict(zip(phrases, model.detect(image, phrases, BOX_THRESHOLD, TEXT_THRESHOLD)))
+            boxes, notes = assign_boxes(detections, words, [c.auto_hint for c in concepts],
+                                        [c.auto_box for c in concepts], [c.name for c in concepts])
+            out.append(boxes)
+            warnings.extend(n for n in notes if n not in warnings)
+        return out
+    except ModelFileError as exc:
+        webui_models._note(f"automatic regions: {exc}: used attention boxes", warnings)
+        return None
+    finally:
+        webui_models.release(MODELS)

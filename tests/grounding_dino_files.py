@@ -78,6 +78,10 @@ def build_original(config_path: str, seed: int = 0):
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+        # encoder proposals off the image get zeroed features, hence one shared score: keep that
+        # score at 0, below the real ones, so ties never decide which proposals become queries
+        model.transformer.enc_output.bias.zero_()
+        model.transformer.enc_output_norm.bias.zero_()
     return model.eval()
 
 

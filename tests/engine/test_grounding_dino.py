@@ -215,3 +215,19 @@ def test_original_checkpoint_without_tokenizer_is_refused(tiny, tmp_path, monkey
     other = files.write_bert(str(tmp_path / "other-bert"), wrong)
     with pytest.raises(ModelFileError, match="not bert-base-uncased's vocabulary"):
         dino.GroundingDino(copy, [other])
+
+
+def test_loading_never_compiles_the_cuda_kernel(tiny, monkeypatch):
+    """With CUDA and ninja present, transformers would JIT-compile its deformable attention kernel
+    while building the model; the loader keeps to the pure-torch path."""
+    from transformers.models.grounding_dino import modeling_grounding_dino as modeling
+
+    _, bert, path, _ = tiny
+    compiled = []
+    monkeypatch.setattr(modeling, "is_torch_cuda_available", lambda: True)
+    monkeypatch.setattr(modeling, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(modeling, "load_cuda_kernels", lambda: compiled.append(1))
+    loaded = dino.GroundingDino(path, [bert])
+    assert compiled == [] and loaded.model.config.disable_custom_kernels
+    assert modeling.is_ninja_available() is True   # restored after loading
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +92,23 @@ def _checked(tokenizer, path: str, where: str):
     return tokenizer
 
 
+@contextmanager
+def _no_kernel_build():
+    """Building transformers' Grounding DINO JIT-compiles a CUDA kernel for its deformable attention
+    when CUDA and ninja are there (minutes with nvcc, a warning without). The pure-torch path (the
+    one the tests compare with the original) is used instead: no compiler runs while loading."""
+    from transformers.models.grounding_dino import modeling_grounding_dino as modeling
+
+    saved = getattr(modeling, "is_ninja_available", None)
+    if saved is not None:
+        modeling.is_ninja_available = lambda: False
+    try:
+        yield
+    finally:
+        if saved is not None:
+            modeling.is_ninja_available = saved
+
+
 def _load_original(path: str, extra_folders):
     from transformers import GroundingDinoForObjectDetection
 
@@ -109,8 +127,10 @@ def _load_original(path: str, extra_folders):
     tokenizer, folder = _tokenizer(path, folders)
     try:
         config = hf_config(args, text_config(state, _bert_heads(folder)))
+        config.disable_custom_kernels = True
         converted = convert_state_dict(state)
-        model = GroundingDinoForObjectDetection(config)
+        with _no_kernel_build():
+            model = GroundingDinoForObjectDetection(config)
         missing, unexpected = model.load_state_dict(converted, strict=False)
     except ModelFileError as exc:
         raise ModelFileError(f"Grounding DINO checkpoint {path}: {exc}") from exc
@@ -130,7 +150,9 @@ def _load_hf(path: str, extra_folders):
     from transformers import GroundingDinoForObjectDetection
 
     try:
-        model = GroundingDinoForObjectDetection.from_pretrained(path, local_files_only=True)
+        with _no_kernel_build():
+            model = GroundingDinoForObjectDetection.from_pretrained(path, local_files_only=True,
+                                                                    disable_custom_kernels=True)
     except Exception as exc:   # transformers raises OSError, ValueError or RuntimeError for bad files
         raise ModelFileError(f"Grounding DINO folder {path} could not be loaded: {exc}") from exc
     tokenizer, _ = _tokenizer(path, [path] + [f for f in extra_folders if f])

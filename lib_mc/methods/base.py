@@ -297,7 +297,7 @@ class SessionBase:
                                 boxes=[c.auto_box for c in auto], image_boxes=image_boxes)
         self.plan.mask_steps = [("attention", stretch(maps))]
         if image_boxes is not None:
-            self.plan.mask_steps.append(("Grounding DINO boxes", boxes_as_masks(image_boxes, maps.shape[-2:])))
+            self.plan.mask_steps.append(("DINO boxes", boxes_as_masks(image_boxes, maps.shape[-2:])))
         self.plan.mask_steps.append(("attention masks", found))
         self.plan.face_boxes = faces
         return self.finish_regions(found) if finish else found

@@ -290,7 +290,7 @@ def test_boxes_found_per_image_guide_the_masks_and_are_a_step_of_their_own():
     found = session.find_regions(finish=False, image_boxes=[[(0.5, 0.0, 0.5, 1.0), None]])
     assert found[0, 0][:, :8].sum() == 0 and found[0, 0].sum() > 0
     labels = [label for label, _ in plan.mask_steps]
-    assert labels == ["attention", "Grounding DINO boxes", "attention masks"]
+    assert labels == ["attention", "DINO boxes", "attention masks"]   # a short label: sheets of 128 px panels
     boxes = plan.mask_steps[1][1]
     assert boxes.shape == (1, 2, 16, 16) and boxes[0, 0][:, 8:].min() == 1 and boxes[0, 1].sum() == 0
     assert plan.concepts[0].auto_box is None

@@ -88,11 +88,11 @@ def test_each_concept_is_looked_for_in_the_box_found_for_its_class_word(host):
     webui._find_regions(p, state, torch.zeros(2, 4, 16, 16))
     assert p.extra_generation_params[grounding_boxes.INFOTEXT] == "Grounding DINO"
     steps = dict(plan.mask_steps)
-    assert torch.equal(steps["Grounding DINO boxes"], boxes_as_masks(boxes, (16, 16)))
+    assert torch.equal(steps["DINO boxes"], boxes_as_masks(boxes, (16, 16)))
     attention = steps["attention masks"]
     for slot, box in enumerate(boxes[0]):
         if box is not None:   # nothing found outside its box
-            assert (attention[:, slot] * (1 - steps["Grounding DINO boxes"][:, slot])).sum() == 0
+            assert (attention[:, slot] * (1 - steps["DINO boxes"][:, slot])).sum() == 0
             assert attention[:, slot].sum() > 0
     assert all(note in state.prepared.warnings for note in notes)
     assert plan.found_masks is not None and plan.found_masks.shape[:2] == (2, 3)
@@ -104,7 +104,7 @@ def test_the_attention_setting_never_loads_the_model(host, monkeypatch):
     p, state, plan = after_layout_pass()
     webui._find_regions(p, state, torch.zeros(1, 4, 16, 16))
     assert grounding_boxes.MODELS.loaded is None and grounding_boxes.INFOTEXT not in p.extra_generation_params
-    assert "Grounding DINO boxes" not in dict(plan.mask_steps) and plan.found_masks is not None
+    assert "DINO boxes" not in dict(plan.mask_steps) and plan.found_masks is not None
 
 
 def test_without_a_checkpoint_or_with_old_transformers_attention_boxes_are_used_with_a_note(host, monkeypatch, tmp_path):

@@ -62,5 +62,8 @@ def find_boxes(images: Callable[[], list[np.ndarray]], concepts: list, warnings:
     except ModelFileError as exc:
         webui_models._note(f"automatic regions: {exc}: used attention boxes", warnings)
         return None
+    except RuntimeError as exc:   # out of memory, a device error: the job goes on without the boxes
+        webui_models._note(f"automatic regions: Grounding DINO failed ({exc}): used attention boxes", warnings)
+        return None
     finally:
         webui_models.release(MODELS)

@@ -125,3 +125,14 @@ def test_without_a_checkpoint_or_with_old_transformers_attention_boxes_are_used_
     assert any(str(tmp_path / "grounding-dino") in w and "groundingdino_swint_ogc.pth" in w
                for w in state.prepared.warnings), state.prepared.warnings
     assert plan.found_masks is not None
+
+
+def test_a_detection_that_fails_on_the_device_leaves_the_job_on_attention_boxes(host, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(host, "detect", out_of_memory)
+    p, state, plan = after_layout_pass()
+    webui._find_regions(p, state, torch.zeros(1, 4, 16, 16))
+    assert any("Grounding DINO failed (CUDA out of memory" in w and "attention boxes" in w
+               for w in state.prepared.warnings), state.prepared.warnings
+    assert grounding_boxes.INFOTEXT not in p.extra_generation_params and plan.found_masks is not None

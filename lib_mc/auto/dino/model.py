@@ -36,16 +36,24 @@ class Detection:
     score: float
 
 
-def _check_transformers(path: str) -> None:
+def transformers_problem(path: str) -> str | None:
+    """Why the installed transformers cannot run Grounding DINO (None: it can)."""
     try:
         import transformers
     except ImportError as exc:
-        raise ModelFileError(f"Grounding DINO checkpoint {path}: transformers is not installed ({exc})") from exc
+        return f"Grounding DINO checkpoint {path}: transformers is not installed ({exc})"
     version = str(transformers.__version__)
     found = re.match(r"(\d+)\.(\d+)", version)
     if found is None or tuple(int(v) for v in found.groups()) < MIN_TRANSFORMERS:
-        raise ModelFileError(f"Grounding DINO checkpoint {path}: transformers {version} is installed; Grounding DINO "
-                             f"needs transformers {'.'.join(map(str, MIN_TRANSFORMERS))} or newer (Forge ships 4.46.1)")
+        return (f"Grounding DINO checkpoint {path}: transformers {version} is installed; Grounding DINO "
+                f"needs transformers {'.'.join(map(str, MIN_TRANSFORMERS))} or newer (Forge ships 4.46.1)")
+    return None
+
+
+def _check_transformers(path: str) -> None:
+    problem = transformers_problem(path)
+    if problem is not None:
+        raise ModelFileError(problem)
 
 
 def _bert_heads(folder: str | None) -> int | None:
@@ -109,10 +117,8 @@ def _no_kernel_build():
             modeling.is_ninja_available = saved
 
 
-def _load_original(path: str, extra_folders):
-    from transformers import GroundingDinoForObjectDetection
-
-    args = original_args(path)
+def read_original(path: str) -> dict:
+    """The state dict of an original .pth ({'model': state_dict}), read as tensors only."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # not a zip/pickle, truncated, or objects other than tensors
@@ -121,10 +127,23 @@ def _load_original(path: str, extra_folders):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(f"Grounding DINO checkpoint {path} holds no state dict (an original checkpoint "
                              "is {'model': state_dict})")
+    return state
+
+
+def original_tokenizer(path: str, text_encoder_type, extra_folders):
+    """The tokenizer of an original .pth: (tokenizer, its folder or None for the Hugging Face cache)."""
     folders = pth_tokenizer_folders(path, extra_folders)
-    if os.path.isdir(str(args.get("text_encoder_type"))):   # a config naming its BERT folder
-        folders.append(args["text_encoder_type"])
-    tokenizer, folder = _tokenizer(path, folders)
+    if os.path.isdir(str(text_encoder_type)):   # a config naming its BERT folder
+        folders.append(text_encoder_type)
+    return _tokenizer(path, folders)
+
+
+def _load_original(path: str, extra_folders):
+    from transformers import GroundingDinoForObjectDetection
+
+    args = original_args(path)
+    state = read_original(path)
+    tokenizer, folder = original_tokenizer(path, args.get("text_encoder_type"), extra_folders)
     try:
         config = hf_config(args, text_config(state, _bert_heads(folder)))
         config.disable_custom_kernels = True
@@ -199,6 +218,42 @@ def caption_and_spans(phrases) -> tuple[str, list[tuple[int, int]]]:
     return caption, spans
 
 
+def phrase_tokens(offsets, spans, limit: int) -> list[list[int]]:
+    """Per phrase the indices of its tokens among the model's first `limit` text tokens."""
+    tokens = [[] for _ in spans]
+    for j, (start, end) in enumerate(list(offsets)[:limit]):
+        if end <= start:   # special tokens
+            continue
+        for i, (s, e) in enumerate(spans):
+            if s <= start and end <= e:
+                tokens[i].append(j)
+    return tokens
+
+
+def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, tokens, box_threshold: float,
+                 text_threshold: float) -> list[list[Detection]]:
+    """One image's (queries, text tokens) logits and (cx, cy, w, h) boxes -> per phrase its boxes,
+    best first: a query counts when its best token's probability is above box_threshold (the
+    original's box filter) and it goes to every phrase with a token above text_threshold (the
+    original names its phrase by those tokens); box NMS per phrase."""
+    from torchvision.ops import box_convert, nms
+
+    probs = logits.float().sigmoid().cpu()
+    boxes = box_convert(pred_boxes.float().cpu(), "cxcywh", "xyxy").clamp(0.0, 1.0)
+    confident = probs.max(dim=-1).values > box_threshold
+    found = []
+    for phrase in tokens:
+        if not phrase:   # past the model's 256 text tokens
+            found.append([])
+            continue
+        scores = probs[:, phrase].max(dim=-1).values
+        rows = torch.nonzero(confident & (scores > text_threshold)).flatten()
+        kept = rows[nms(boxes[rows], scores[rows], NMS_IOU)]
+        found.append([Detection(box=(float(x0), float(y0), float(x1 - x0), float(y1 - y0)), score=float(s))
+                      for (x0, y0, x1, y1), s in zip(boxes[kept].tolist(), scores[kept].tolist())])
+    return found
+
+
 class GroundingDino:
     def __init__(self, path: str, tokenizer_folders=(), *, size: int = 800, max_size: int = 1333):
         _check_transformers(path)
@@ -224,17 +279,6 @@ class GroundingDino:
             self.model.to(device)
         return self
 
-    def _phrase_tokens(self, encoded, spans) -> list[list[int]]:
-        limit = self.model.config.max_text_len
-        tokens = [[] for _ in spans]
-        for j, (start, end) in enumerate(encoded["offset_mapping"][0].tolist()[:limit]):
-            if end <= start:   # special tokens
-                continue
-            for i, (s, e) in enumerate(spans):
-                if s <= start and end <= e:
-                    tokens[i].append(j)
-        return tokens
-
     @torch.no_grad()
     def outputs(self, pixels: torch.Tensor, caption: str):
         """The model's raw outputs for a prepared image and a caption (tests compare them)."""
@@ -249,42 +293,44 @@ class GroundingDino:
     @torch.no_grad()
     def detect(self, image: np.ndarray, phrases: list[str], box_threshold: float = 0.35,
                text_threshold: float = 0.25) -> list[list[Detection]]:
-        """Per phrase its boxes, best first: a query counts when its best token's probability is
-        above box_threshold (the original's box filter) and it goes to every phrase with a token
-        above text_threshold (the original names its phrase by those tokens); box NMS per phrase."""
-        from torchvision.ops import box_convert, nms
-
+        """Per phrase its boxes, best first (see post_process)."""
         if not phrases:
             return []
         caption, spans = caption_and_spans(phrases)
         out, encoded = self.outputs(preprocess(image, self.size, self.max_size), caption)
-        probs = out.logits[0].float().sigmoid().cpu()
-        boxes = box_convert(out.pred_boxes[0].float().cpu(), "cxcywh", "xyxy").clamp(0.0, 1.0)
-        confident = probs.max(dim=-1).values > box_threshold
-        found = []
-        for tokens in self._phrase_tokens(encoded, spans):
-            if not tokens:   # past the model's 256 text tokens
-                found.append([])
-                continue
-            scores = probs[:, tokens].max(dim=-1).values
-            rows = torch.nonzero(confident & (scores > text_threshold)).flatten()
-            kept = rows[nms(boxes[rows], scores[rows], NMS_IOU)]
-            found.append([Detection(box=(float(x0), float(y0), float(x1 - x0), float(y1 - y0)), score=float(s))
-                          for (x0, y0, x1, y1), s in zip(boxes[kept].tolist(), scores[kept].tolist())])
-        return found
+        tokens = phrase_tokens(encoded["offset_mapping"][0].tolist(), spans, self.model.config.max_text_len)
+        return post_process(out.logits[0], out.pred_boxes[0], tokens, box_threshold, text_threshold)
+
+
+def load(path: str, tokenizer_folders=(), code_folders=(), **sizes):
+    """The backend for a checkpoint: transformers' model (transformers 4.40+, either format); with an
+    older transformers an original .pth runs on IDEA-Research's own code (original.py) when that code
+    is importable: the pip `groundingdino` package or sd-webui-segment-anything's `local_groundingdino`
+    (found in code_folders, e.g. <extensions>/sd-webui-segment-anything)."""
+    problem = transformers_problem(path)
+    if problem is None or os.path.isdir(path) or not os.path.isfile(path):
+        return GroundingDino(path, tokenizer_folders, **sizes)
+    from .original import OriginalGroundingDino, find_code
+
+    code = find_code(code_folders)
+    if code is None:
+        raise ModelFileError(f"{problem}, or IDEA-Research's Grounding DINO code, which sd-webui-segment-anything "
+                             "brings (its local_groundingdino): install that extension, or transformers 4.40+")
+    return OriginalGroundingDino(path, tokenizer_folders, code, **sizes)
 
 
 class DinoModels:
     """One Grounding DINO kept between jobs; `offload` moves it to the CPU, `free` drops it."""
 
     def __init__(self):
-        self.loaded: tuple[tuple, GroundingDino] | None = None
+        self.loaded: tuple[tuple, object] | None = None
 
-    def model(self, path: str, device, tokenizer_folders=()) -> GroundingDino:
-        key = (path, tuple(tokenizer_folders))
+    def model(self, path: str, device, tokenizer_folders=(), code_folders=()):
+        """The model for `path` on `device`: a GroundingDino or an OriginalGroundingDino (see load)."""
+        key = (path, tuple(tokenizer_folders), tuple(code_folders))
         if self.loaded is None or self.loaded[0] != key:
             self.free()
-            self.loaded = (key, GroundingDino(path, tokenizer_folders))
+            self.loaded = (key, load(path, tokenizer_folders, code_folders))
         return self.loaded[1].to(device)
 
     def offload(self) -> None:

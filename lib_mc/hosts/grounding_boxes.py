@@ -2,7 +2,8 @@
 is searched for each automatic concept's class word, and the boxes found tell attention and SAM
 where each subject is, as the SDXL + InstantID paper places its subjects. Checkpoints: an HF
 folder or IDEA-Research's .pth in models/grounding-dino, or where sd-webui-segment-anything
-keeps them; missing, or transformers too old: a note, and attention finds the boxes."""
+keeps them; run with transformers 4.40+ (Forge), else an original .pth with IDEA-Research's own
+code (sd-webui-segment-anything's, on A1111); missing: a note, and attention finds the boxes."""
 
 from __future__ import annotations
 
@@ -25,12 +26,22 @@ BOX_THRESHOLD, TEXT_THRESHOLD = 0.35, 0.25   # Grounding DINO's demo defaults
 MODELS = dino.DinoModels()
 
 
+def _segment_anything() -> str | None:
+    extensions = webui_models._extensions_dir()
+    return os.path.join(extensions, "sd-webui-segment-anything") if extensions else None
+
+
 def folders() -> list[str]:
     found = [os.path.join(paths.models_path, "grounding-dino")]
-    extensions = webui_models._extensions_dir()
-    if extensions:
-        found.append(os.path.join(extensions, "sd-webui-segment-anything", "models", "grounding-dino"))
+    if _segment_anything():
+        found.append(os.path.join(_segment_anything(), "models", "grounding-dino"))
     return found
+
+
+def code_folders() -> list[str]:
+    """Where IDEA-Research's own code is when transformers is too old for its Grounding DINO:
+    sd-webui-segment-anything's local_groundingdino (a pip `groundingdino` is found anyway)."""
+    return [_segment_anything()] if _segment_anything() else []
 
 
 def wanted() -> bool:
@@ -49,7 +60,7 @@ def find_boxes(images: Callable[[], list[np.ndarray]], concepts: list, warnings:
         return None
     words = [c.auto_word for c in concepts]
     try:
-        model = MODELS.model(path, devices.device, tokenizer_folders=searched)
+        model = MODELS.model(path, devices.device, tokenizer_folders=searched, code_folders=code_folders())
         out = []
         for image in images():
             phrases = list(dict.fromkeys(words))

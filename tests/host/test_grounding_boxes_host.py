@@ -136,3 +136,25 @@ def test_a_detection_that_fails_on_the_device_leaves_the_job_on_attention_boxes(
     assert any("Grounding DINO failed (CUDA out of memory" in w and "attention boxes" in w
                for w in state.prepared.warnings), state.prepared.warnings
     assert grounding_boxes.INFOTEXT not in p.extra_generation_params and plan.found_masks is not None
+
+
+def test_with_old_transformers_an_original_checkpoint_runs_on_the_original_code(tmp_path, monkeypatch):
+    """A1111 1.10 (transformers 4.30.2) with sd-webui-segment-anything's .pth: IDEA-Research's own
+    code (here the pip `groundingdino`) finds the boxes; the job says so."""
+    import transformers
+    bert = files.write_bert(str(tmp_path / "bert"))
+    files.write_original(str(tmp_path / "grounding-dino"), bert)
+    monkeypatch.setattr(transformers, "__version__", "4.30.2")
+    monkeypatch.setattr(webui_models.paths, "models_path", str(tmp_path))
+    monkeypatch.setattr(shared.opts, grounding_boxes.SETTING, grounding_boxes.GROUNDING_DINO, raising=False)
+    monkeypatch.setattr(shared.opts, webui_models.SETTING, "none", raising=False)
+    monkeypatch.setattr(shared.opts, webui_models.FACES_SETTING, False, raising=False)
+    grounding_boxes.MODELS.free()
+    try:
+        p, state, plan = after_layout_pass()
+        webui._find_regions(p, state, torch.zeros(1, 4, 16, 16))
+        assert type(grounding_boxes.MODELS.loaded[1]).__name__ == "OriginalGroundingDino"
+        assert p.extra_generation_params[grounding_boxes.INFOTEXT] == "Grounding DINO", state.prepared.warnings
+        assert "DINO boxes" in dict(plan.mask_steps) and plan.found_masks is not None
+    finally:
+        grounding_boxes.MODELS.free()

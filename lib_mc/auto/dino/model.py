@@ -254,7 +254,38 @@ def post_process(logits: torch.Tensor, pred_boxes: torch.Tensor, tokens, box_thr
     return found
 
 
-class GroundingDino:
+class OnDevice:
+    """What both backends share: `self.model` on one device, moved only when asked for another, and
+    `detect` over the backend's `predict(pixels, caption, spans)` -> (logits (queries, 256), boxes
+    (queries, 4) cx, cy, w, h, each phrase's token positions)."""
+    model: torch.nn.Module
+    size: int
+    max_size: int
+
+    def predict(self, pixels: torch.Tensor, caption: str, spans) -> tuple:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def detect(self, image: np.ndarray, phrases: list[str], box_threshold: float = 0.35,
+               text_threshold: float = 0.25) -> list[list[Detection]]:
+        """Per phrase its boxes, best first (see post_process)."""
+        if not phrases:
+            return []
+        caption, spans = caption_and_spans(phrases)
+        logits, boxes, tokens = self.predict(preprocess(image, self.size, self.max_size), caption, spans)
+        return post_process(logits, boxes, tokens, box_threshold, text_threshold)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device):
+        if self.device != torch.device(device):
+            self.model.to(device)
+        return self
+
+
+class GroundingDino(OnDevice):
     def __init__(self, path: str, tokenizer_folders=(), *, size: int = 800, max_size: int = 1333):
         _check_transformers(path)
         if os.path.isdir(path):
@@ -270,15 +301,6 @@ class GroundingDino:
         self.size, self.max_size = size, max_size
         self.model.eval()
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def to(self, device) -> "GroundingDino":
-        if self.device != torch.device(device):
-            self.model.to(device)
-        return self
-
     @torch.no_grad()
     def outputs(self, pixels: torch.Tensor, caption: str):
         """The model's raw outputs for a prepared image and a caption (tests compare them)."""
@@ -290,16 +312,10 @@ class GroundingDino:
                          pixel_mask=torch.ones(pixels.shape[:1] + pixels.shape[2:], dtype=torch.long, device=device))
         return out, encoded
 
-    @torch.no_grad()
-    def detect(self, image: np.ndarray, phrases: list[str], box_threshold: float = 0.35,
-               text_threshold: float = 0.25) -> list[list[Detection]]:
-        """Per phrase its boxes, best first (see post_process)."""
-        if not phrases:
-            return []
-        caption, spans = caption_and_spans(phrases)
-        out, encoded = self.outputs(preprocess(image, self.size, self.max_size), caption)
+    def predict(self, pixels: torch.Tensor, caption: str, spans) -> tuple:
+        out, encoded = self.outputs(pixels, caption)
         tokens = phrase_tokens(encoded["offset_mapping"][0].tolist(), spans, self.model.config.max_text_len)
-        return post_process(out.logits[0], out.pred_boxes[0], tokens, box_threshold, text_threshold)
+        return out.logits[0], out.pred_boxes[0], tokens
 
 
 def load(path: str, tokenizer_folders=(), code_folders=(), **sizes):

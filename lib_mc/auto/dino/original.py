@@ -21,14 +21,12 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
-import numpy as np
 import torch
 
 from ..sam import ModelFileError
 from .convert import text_config
 from .files import BUILT_IN, ORIGINAL_FILES, config_file
-from .model import (Detection, _bert_heads, caption_and_spans, original_tokenizer, phrase_tokens, post_process,
-                    preprocess, read_original)
+from .model import OnDevice, _bert_heads, original_tokenizer, phrase_tokens, read_original
 
 PACKAGES = ("groundingdino", "local_groundingdino")   # the pip package first, as the extension does
 # what the released config sets besides the shapes (files.BUILT_IN): training options build_model reads
@@ -118,7 +116,7 @@ def _config(path: str, code: Code):
     return code.SLConfig(cfg_dict=dict(BUILD_ONLY, **BUILT_IN[name])), f"the released config of {name}"
 
 
-class OriginalGroundingDino:
+class OriginalGroundingDino(OnDevice):
     """An original .pth on IDEA-Research's code, with GroundingDino's interface (to, detect)."""
 
     def __init__(self, path: str, tokenizer_folders=(), code: Code | None = None, *, size: int = 800,
@@ -163,28 +161,13 @@ class OriginalGroundingDino:
         self.path = path
         self.size, self.max_size = size, max_size
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def to(self, device) -> "OriginalGroundingDino":
-        if self.device != torch.device(device):
-            self.model.to(device)
-        return self
-
     @torch.no_grad()
     def outputs(self, pixels: torch.Tensor, caption: str) -> dict:
         """The original's outputs for a prepared image: pred_logits (1, queries, 256), pred_boxes."""
         return self.model(pixels.to(self.device), captions=[caption])
 
-    @torch.no_grad()
-    def detect(self, image: np.ndarray, phrases: list[str], box_threshold: float = 0.35,
-               text_threshold: float = 0.25) -> list[list[Detection]]:
-        """As GroundingDino.detect; the model tokenizes the caption with this same tokenizer."""
-        if not phrases:
-            return []
-        caption, spans = caption_and_spans(phrases)
-        out = self.outputs(preprocess(image, self.size, self.max_size), caption)
+    def predict(self, pixels: torch.Tensor, caption: str, spans) -> tuple:
+        out = self.outputs(pixels, caption)
+        # the model tokenizes the caption with this same tokenizer
         offsets = self.tokenizer(caption, return_offsets_mapping=True)["offset_mapping"]
-        tokens = phrase_tokens(offsets, spans, self.model.max_text_len)
-        return post_process(out["pred_logits"][0], out["pred_boxes"][0], tokens, box_threshold, text_threshold)
+        return out["pred_logits"][0], out["pred_boxes"][0], phrase_tokens(offsets, spans, self.model.max_text_len)

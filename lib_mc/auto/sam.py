@@ -9,13 +9,13 @@ sd-webui-segment-anything uses), loaded with `weights_only=True`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import MultiConceptError
+from .kept import KeptModel
 
 KNOWN_FILES = {"vit_b": "sam_vit_b_01ec64.pth", "vit_l": "sam_vit_l_0b3195.pth", "vit_h": "sam_vit_h_4b8939.pth"}
 MIN_AGREEMENT = 0.1   # below this IoU with the attention mask, SAM found something else: keep attention
@@ -52,33 +52,14 @@ def missing_message(folder: str) -> str:
             f"{KNOWN_FILES['vit_l']} or {KNOWN_FILES['vit_h']} there): used the attention masks")
 
 
-@dataclass
-class _Loaded:
-    path: str
-    predictor: object
-
-
-class SamModels:
-    """One SAM kept between jobs; `offload` moves it to the CPU, `free` drops it."""
+class SamModels(KeptModel):
+    """One SAM kept between jobs (its predictor; the model inside it moves)."""
 
     def __init__(self):
-        self.loaded: _Loaded | None = None
+        super().__init__(lambda predictor: predictor.model)
 
     def predictor(self, path: str, device: torch.device):
-        if self.loaded is None or self.loaded.path != path:
-            self.free()
-            self.loaded = _Loaded(path, _load(path))
-        model = self.loaded.predictor.model
-        if next(model.parameters()).device != torch.device(device):
-            model.to(device)
-        return self.loaded.predictor
-
-    def offload(self) -> None:
-        if self.loaded is not None:
-            self.loaded.predictor.model.to("cpu")
-
-    def free(self) -> None:
-        self.loaded = None
+        return self.get(path, lambda: _load(path), device)
 
 
 def _load(path: str):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..kept import KeptModel
 from ..sam import ModelFileError
 from .convert import convert_state_dict, hf_config, text_config
 from .files import is_hf_folder, original_args, tokenizer_folders as pth_tokenizer_folders
@@ -335,23 +336,13 @@ def load(path: str, tokenizer_folders=(), code_folders=(), **sizes):
     return OriginalGroundingDino(path, tokenizer_folders, code, **sizes)
 
 
-class DinoModels:
-    """One Grounding DINO kept between jobs; `offload` moves it to the CPU, `free` drops it."""
+class DinoModels(KeptModel):
+    """One Grounding DINO kept between jobs."""
 
     def __init__(self):
-        self.loaded: tuple[tuple, object] | None = None
+        super().__init__(lambda detector: detector.model)
 
     def model(self, path: str, device, tokenizer_folders=(), code_folders=()):
         """The model for `path` on `device`: a GroundingDino or an OriginalGroundingDino (see load)."""
-        key = (path, tuple(tokenizer_folders), tuple(code_folders))
-        if self.loaded is None or self.loaded[0] != key:
-            self.free()
-            self.loaded = (key, load(path, tokenizer_folders, code_folders))
-        return self.loaded[1].to(device)
-
-    def offload(self) -> None:
-        if self.loaded is not None:
-            self.loaded[1].to("cpu")
-
-    def free(self) -> None:
-        self.loaded = None
+        return self.get((path, tuple(tokenizer_folders), tuple(code_folders)),
+                        lambda: load(path, tokenizer_folders, code_folders), device)

@@ -59,14 +59,14 @@ def find_boxes(images: Callable[[], list[np.ndarray]], concepts: list, warnings:
         webui_models._note(dino.missing_message(searched), warnings)
         return None
     words = [c.auto_word for c in concepts]
+    phrases = list(dict.fromkeys(words))   # one prompt per image, each class word once
+    hints, drawn, names = [c.auto_hint for c in concepts], [c.auto_box for c in concepts], [c.name for c in concepts]
     try:
         model = MODELS.model(path, devices.device, tokenizer_folders=searched, code_folders=code_folders())
         out = []
         for image in images():
-            phrases = list(dict.fromkeys(words))
             detections = dict(zip(phrases, model.detect(image, phrases, BOX_THRESHOLD, TEXT_THRESHOLD)))
-            boxes, notes = assign_boxes(detections, words, [c.auto_hint for c in concepts],
-                                        [c.auto_box for c in concepts], [c.name for c in concepts])
+            boxes, notes = assign_boxes(detections, words, hints, drawn, names)
             out.append(boxes)
             warnings.extend(n for n in notes if n not in warnings)
         return out

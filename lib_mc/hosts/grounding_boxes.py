@@ -27,7 +27,7 @@ MODELS = dino.DinoModels()
 
 
 def _segment_anything() -> str | None:
-    extensions = webui_models._extensions_dir()
+    extensions = webui_models.extensions_dir()
     return os.path.join(extensions, "sd-webui-segment-anything") if extensions else None
 
 
@@ -56,7 +56,7 @@ def find_boxes(images: Callable[[], list[np.ndarray]], concepts: list, warnings:
     searched = folders()
     path = dino.find_checkpoint(searched)
     if path is None:
-        webui_models._note(dino.missing_message(searched), warnings)
+        webui_models.note(dino.missing_message(searched), warnings)
         return None
     words = [c.auto_word for c in concepts]
     phrases = list(dict.fromkeys(words))   # one prompt per image, each class word once
@@ -71,10 +71,10 @@ def find_boxes(images: Callable[[], list[np.ndarray]], concepts: list, warnings:
             warnings.extend(n for n in notes if n not in warnings)
         return out
     except ModelFileError as exc:
-        webui_models._note(f"automatic regions: {exc}: used attention boxes", warnings)
+        webui_models.note(f"automatic regions: {exc}: used attention boxes", warnings)
         return None
     except RuntimeError as exc:   # out of memory, a device error: the job goes on without the boxes
-        webui_models._note(f"automatic regions: Grounding DINO failed ({exc}): used attention boxes", warnings)
+        webui_models.note(f"automatic regions: Grounding DINO failed ({exc}): used attention boxes", warnings)
         return None
     finally:
         webui_models.release(MODELS)

@@ -26,7 +26,7 @@ _detectors: dict[str, face_detection.FaceDetector] = {}
 _told: set[str] = set()
 
 
-def _note(message: str, warnings: list[str]) -> None:
+def note(message: str, warnings: list[str]) -> None:
     warnings.append(message)
     if message not in _told:   # once in the console; every image's infotext says it
         _told.add(message)
@@ -57,7 +57,7 @@ def detect_faces(images: Callable[[], list[np.ndarray]], grid_hw: tuple[int, int
         return None
     path = face_detection.find_detector(faces_folder())
     if path is None:
-        _note(f"automatic regions: no face detector in {faces_folder()} (put the buffalo_l pack's "
+        note(f"automatic regions: no face detector in {faces_folder()} (put the buffalo_l pack's "
               f"{face_detection.DETECTOR_FILES[0]} there): people sharing a class word were split by position",
               warnings)
         return None
@@ -65,7 +65,7 @@ def detect_faces(images: Callable[[], list[np.ndarray]], grid_hw: tuple[int, int
         detector = _detectors.get(path) or _detectors.setdefault(path, face_detection.FaceDetector(path))
         return [face_detection.to_cells(detector.detect(image), image.shape[:2], grid_hw) for image in images()]
     except sam.ModelFileError as exc:
-        _note(f"{exc}: people sharing a class word were split by position", warnings)
+        note(f"{exc}: people sharing a class word were split by position", warnings)
         return None
 
 
@@ -139,7 +139,7 @@ def refine(images: Callable[[], list[np.ndarray]], found: torch.Tensor, warnings
         return None
     path = sam.find_checkpoint(sam_folder(), choice)
     if path is None:
-        _note(sam.missing_message(sam_folder()) if choice == "auto" else
+        note(sam.missing_message(sam_folder()) if choice == "auto" else
               f"automatic regions: the SAM checkpoint {choice} is not in {sam_folder()}: used the attention masks",
               warnings)
         return None
@@ -152,7 +152,7 @@ def refine(images: Callable[[], list[np.ndarray]], found: torch.Tensor, warnings
             warnings.extend(notes)
         return torch.stack(masks)
     except sam.ModelFileError as exc:
-        _note(f"{exc}: used the attention masks", warnings)
+        note(f"{exc}: used the attention masks", warnings)
         return None
     finally:
         release(MODELS)
@@ -180,7 +180,7 @@ def _last_loaded(kind: str, key, load):
     return _loaded[kind][1]
 
 
-def _extensions_dir() -> str | None:
+def extensions_dir() -> str | None:
     try:
         from modules import paths_internal
         return paths_internal.extensions_dir
@@ -193,7 +193,7 @@ def face_analysis():
     and every folder searched when they are missing."""
     from ..faces.analysis import FaceAnalysis
     from ..faces.models import antelopev2_folders, find_antelopev2
-    found = find_antelopev2(antelopev2_folders(paths.models_path, _extensions_dir()))
+    found = find_antelopev2(antelopev2_folders(paths.models_path, extensions_dir()))
     return _last_loaded("antelopev2", found, lambda: FaceAnalysis(*found))
 
 
@@ -224,6 +224,6 @@ def find_faces(p, latents: torch.Tensor, warnings: list[str]) -> list | None:
     try:
         analysis = face_analysis()
     except sam.ModelFileError as exc:
-        _note(f"face concepts: {exc}: faces placed in the upper part of their regions", warnings)
+        note(f"face concepts: {exc}: faces placed in the upper part of their regions", warnings)
         return None
     return [analysis.faces(image, embed=False) for image in layout_images(p, latents)()]

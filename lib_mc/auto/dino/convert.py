@@ -98,10 +98,9 @@ def _rename(key: str) -> str | None:
 
 
 def convert_state_dict(state: dict) -> dict:
-    """Original state dict (keys maybe prefixed "module.") -> transformers' state dict."""
+    """Original state dict (read_original's: no "module." prefix) -> transformers' state dict."""
     converted = {}
     for key, value in state.items():
-        key = key[len("module."):] if key.startswith("module.") else key
         try:
             new = _rename(key)
         except KeyError:
@@ -121,7 +120,7 @@ def convert_state_dict(state: dict) -> dict:
 def text_config(state: dict, num_attention_heads: int | None = None) -> dict:
     """BERT's config from the checkpoint's own text-encoder weights; the head count is not in the
     shapes: from the tokenizer folder's config.json when there, else BERT's 64-wide heads."""
-    prefix = "module.bert." if any(k.startswith("module.bert.") for k in state) else "bert."
+    prefix = "bert."
     try:
         words = state[prefix + "embeddings.word_embeddings.weight"]
         layers = {int(k[len(prefix + "encoder.layer."):].split(".")[0]) for k in state

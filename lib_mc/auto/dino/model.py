@@ -119,7 +119,8 @@ def _no_kernel_build():
 
 
 def read_original(path: str) -> dict:
-    """The state dict of an original .pth ({'model': state_dict}), read as tensors only."""
+    """The state dict of an original .pth ({'model': state_dict}), read as tensors only, without the
+    "module." prefix training under DistributedDataParallel left on the keys."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:   # not a zip/pickle, truncated, or objects other than tensors
@@ -128,7 +129,7 @@ def read_original(path: str) -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelFileError(f"Grounding DINO checkpoint {path} holds no state dict (an original checkpoint "
                              "is {'model': state_dict})")
-    return state
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def original_tokenizer(path: str, text_encoder_type, extra_folders):

@@ -128,7 +128,7 @@ class OriginalGroundingDino(OnDevice):
             raise ModelFileError(f"Grounding DINO checkpoint {path}: IDEA-Research's Grounding DINO code "
                                  "(groundingdino or sd-webui-segment-anything's local_groundingdino) is not importable")
         args, source = _config(path, code)
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in read_original(path).items()}
+        state = read_original(path)
         self.tokenizer, folder = original_tokenizer(path, getattr(args, "text_encoder_type", None), tokenizer_folders)
         try:
             text = text_config(state, _bert_heads(folder))

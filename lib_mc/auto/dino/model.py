@@ -158,13 +158,19 @@ def _load_original(path: str, extra_folders):
     except (RuntimeError, ValueError) as exc:   # shapes that do not fit the config
         raise ModelFileError(f"Grounding DINO checkpoint {path} does not fit its config "
                              f"({args['backbone']}, hidden_dim {args['hidden_dim']}): {exc}") from exc
-    if missing or unexpected:
-        raise ModelFileError(f"Grounding DINO checkpoint {path} does not fit its config ({args['backbone']}): "
-                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    if len(tokenizer) > config.text_config.vocab_size:
-        raise ModelFileError(f"Grounding DINO checkpoint {path}: its tokenizer has {len(tokenizer)} tokens, "
-                             f"the text encoder {config.text_config.vocab_size}")
+    check_fit(path, f"its config ({args['backbone']})", missing, unexpected, tokenizer, config.text_config.vocab_size)
     return model, tokenizer
+
+
+def check_fit(path: str, config: str, missing, unexpected, tokenizer, vocab_size: int) -> None:
+    """A loaded original checkpoint must fill the model built from `config` exactly, and its
+    tokenizer must not give ids past the text encoder's vocabulary."""
+    if missing or unexpected:
+        raise ModelFileError(f"Grounding DINO checkpoint {path} does not fit {config}: "
+                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    if len(tokenizer) > vocab_size:
+        raise ModelFileError(f"Grounding DINO checkpoint {path}: its tokenizer has {len(tokenizer)} tokens, "
+                             f"the text encoder {vocab_size}")
 
 
 def _load_hf(path: str, extra_folders):

@@ -26,7 +26,7 @@ import torch
 from ..sam import ModelFileError
 from .convert import text_config
 from .files import BUILT_IN, ORIGINAL_FILES, config_file
-from .model import OnDevice, _bert_heads, original_tokenizer, phrase_tokens, read_original
+from .model import OnDevice, _bert_heads, check_fit, original_tokenizer, phrase_tokens, read_original
 
 PACKAGES = ("groundingdino", "local_groundingdino")   # the pip package first, as the extension does
 # what the released config sets besides the shapes (files.BUILT_IN): training options build_model reads
@@ -148,14 +148,8 @@ class OriginalGroundingDino(OnDevice):
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:   # shapes that do not fit the config
             raise ModelFileError(f"Grounding DINO checkpoint {path} does not fit {source}: {exc}") from exc
-        missing = sorted(k for k in missing if not IGNORED.match(k))
-        unexpected = sorted(k for k in unexpected if not IGNORED.match(k))
-        if missing or unexpected:
-            raise ModelFileError(f"Grounding DINO checkpoint {path} does not fit {source}: "
-                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-        if len(self.tokenizer) > bert.vocab_size:
-            raise ModelFileError(f"Grounding DINO checkpoint {path}: its tokenizer has {len(self.tokenizer)} tokens, "
-                                 f"the text encoder {bert.vocab_size}")
+        check_fit(path, source, [k for k in missing if not IGNORED.match(k)],
+                  [k for k in unexpected if not IGNORED.match(k)], self.tokenizer, bert.vocab_size)
         self.model = model.eval()
         self.code = code.name
         self.path = path
